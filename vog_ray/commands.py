@@ -1,0 +1,95 @@
+"""The ``score`` and ``demo`` subcommands: a thin layer from arguments to :class:`ScoreConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vog_ray.config import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ScoreConfig
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``vog-ray score`` and ``jobs/score.py``."""
+    add = parser.add_argument
+    add("--data", nargs="+", required=True,
+        help="WebDataset shard URLs or patterns (brace expansion, globs; any fsspec URL)")
+    add("--checkpoints", nargs="+", required=True,
+        help="checkpoint URLs or globs, at least 2, ordered by the numbers in their names")
+    add("--output", required=True, help="output folder URL")
+    add("--model", help="torchvision:NAME or package.module:callable (not needed for TorchScript)")
+    add("--num-classes", type=int)
+    add("--image-size", type=int, default=224)
+    add("--mean", type=_floats, default=IMAGENET_MEAN, help="comma-separated, one per channel")
+    add("--std", type=_floats, default=IMAGENET_STD, help="comma-separated, one per channel")
+    add("--image-keys", default=",".join(IMAGE_EXTENSIONS),
+        help="sample keys that may hold the image, tried in order")
+    add("--label-key", default="cls")
+    add("--batch-size", type=int, default=64)
+    add("--label", choices=["true", "pred"], default="true")
+    add("--target", choices=["logit", "prob", "loss"], default="logit")
+    add("--channels", choices=["mean", "keep"], default="mean")
+    add("--windows", default="", help="thirds, or name=start:stop,... checkpoint index ranges")
+    add("--precision", choices=["fp32", "bf16"], default="fp32")
+    add("--compile", action="store_true", help="torch.compile each checkpoint's model")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add("--num-workers", type=int)
+    add("--threads-per-worker", type=int)
+    add("--prefetch", type=int, default=2, help="batches decoded ahead of compute per actor")
+    add("--max-error-rate", type=float, default=0.01)
+    add("--strict", action="store_true", help="fail on the first sample that cannot be scored")
+    add("--overwrite", action="store_true", help="replace an audit with another configuration")
+    add("--max-retries", type=int, default=3)
+    add("--storage-options", default="{}",
+        help="JSON of fsspec storage options (e.g. an S3 endpoint); never written to outputs")
+    add("--no-progress", action="store_true")
+    add("--report", action="store_true", help="write the HTML report at the end")
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    return ScoreConfig(
+        data=args.data, checkpoints=args.checkpoints, output=args.output, model=args.model,
+        num_classes=args.num_classes, image_size=args.image_size, mean=args.mean, std=args.std,
+        image_keys=tuple(k for k in args.image_keys.split(",") if k), label_key=args.label_key,
+        batch_size=args.batch_size, label=args.label, target=args.target,
+        channels=args.channels, windows=args.windows, precision=args.precision,
+        compile=args.compile, device=args.device, num_workers=args.num_workers,
+        threads_per_worker=args.threads_per_worker, prefetch=args.prefetch,
+        max_error_rate=args.max_error_rate, strict=args.strict, overwrite=args.overwrite,
+        max_retries=args.max_retries, storage_options=json.loads(args.storage_options),
+        progress=not args.no_progress, report=args.report,
+    )
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from vog_ray.driver import score
+
+    summary = score(config_from_args(args))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from vog_ray.demo import run_demo
+    from vog_ray.summary import demo_summary
+
+    result = run_demo(args.output, epochs=args.epochs, seed=args.seed,
+                      num_workers=args.num_workers)
+    sys.stdout.write(demo_summary(result) + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    score_parser = subparsers.add_parser("score", help="score WebDataset shards with VoG")
+    add_score_arguments(score_parser)
+    score_parser.set_defaults(func=run_score)
+    demo = subparsers.add_parser("demo", help="audit scikit-learn's handwritten digits end to end")
+    demo.add_argument("--output", default="demo-output")
+    demo.add_argument("--epochs", type=int, default=9)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--num-workers", type=int)
+    demo.set_defaults(func=run_demo_command)

@@ -1,0 +1,65 @@
+"""Which shards an audit covers, which are already committed, and the run's fingerprint check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from vog_ray import storage
+
+logger = logging.getLogger(__name__)
+
+COMMITS = "commits"
+
+
+class ResumeRefused(RuntimeError):
+    """The output holds an audit with another configuration or checkpoint list."""
+
+
+def shard_id(url: str) -> str:
+    """Stable identity of a shard: 16 hex digits of the SHA-1 of its URL."""
+    return hashlib.sha1(url.encode()).hexdigest()[:16]
+
+
+def pending(shard_urls: list[str], committed: dict[str, dict[str, Any]]) -> list[str]:
+    """Shards without a commit record, in the order given."""
+    return [url for url in shard_urls if shard_id(url) not in committed]
+
+
+def read_commits(output: str, shard_urls: list[str], storage_options=None) -> dict[str, dict]:
+    """Commit records of this audit's shards found under ``OUTPUT/commits``."""
+    wanted = {shard_id(url) for url in shard_urls}
+    records = {}
+    for name in storage.list_dir(storage.join(output, COMMITS), storage_options):
+        ident = name.removesuffix(".json")
+        if name.endswith(".json") and ident in wanted:
+            data = storage.read_bytes(storage.join(output, COMMITS, name), storage_options)
+            records[ident] = json.loads(data)
+    return records
+
+
+def prepare_output(output: str, run: dict[str, Any], overwrite: bool, storage_options=None) -> bool:
+    """Check ``run.json`` against this run; start afresh or resume. Returns True on resume.
+
+    A different fingerprint (options or checkpoints) is refused unless ``overwrite``.
+    """
+    run_url = storage.join(output, "run.json")
+    previous = None
+    if storage.exists(run_url, storage_options):
+        previous = json.loads(storage.read_bytes(run_url, storage_options))
+    if previous is not None and previous.get("fingerprint") == run["fingerprint"] and not overwrite:
+        logger.info("resuming the audit in %s", output)
+        return True
+    if previous is not None and not overwrite:
+        raise ResumeRefused(
+            f"{output} holds an audit with another configuration or checkpoint list "
+            f"(fingerprint {previous.get('fingerprint', '?')[:12]} vs {run['fingerprint'][:12]}); "
+            "choose another --output, or pass --overwrite to replace it"
+        )
+    for name in (COMMITS, "parts", "manifest.json", "scores.parquet", "class_stats.parquet",
+                 "errors.parquet", "run.json"):
+        storage.remove(storage.join(output, name), storage_options)
+    storage.write_bytes(run_url, json.dumps(run, indent=2).encode(), storage_options)
+    return False
