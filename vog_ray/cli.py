@@ -12,6 +12,7 @@ from typing import Sequence
 # and sets ``func`` (called with the parsed namespace, returning an exit code).
 COMMAND_MODULES: tuple[str, ...] = (
     "vog_ray.commands",
+    "vog_ray.make_shards",
 )
 
 
