@@ -157,15 +157,19 @@ def _model_for(checkpoint: Checkpoint, model_spec: str | None, num_classes: int 
             f"checkpoint {checkpoint.url} is a state_dict, so --model is needed to build the network"
         )
     model = build_model(model_spec, num_classes)
-    result = model.load_state_dict(loaded, strict=False)
-    mismatched = _shape_mismatches(model, loaded)
-    if result.missing_keys or result.unexpected_keys or mismatched:
-        raise CheckpointError(_mismatch_message(checkpoint.url, model_spec, result, mismatched))
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in loaded]
+    unexpected = [key for key in loaded if key not in expected]
+    mismatched = _shape_mismatches(expected, loaded)
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            _mismatch_message(checkpoint.url, model_spec, missing, unexpected, mismatched)
+        )
+    model.load_state_dict(loaded)
     return model
 
 
-def _shape_mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    expected = model.state_dict()
+def _shape_mismatches(expected: dict, state: dict[str, torch.Tensor]) -> list[str]:
     return [
         f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
         for key, value in state.items()
@@ -173,13 +177,13 @@ def _shape_mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
     ]
 
 
-def _mismatch_message(url: str, spec: str, result, mismatched: list[str]) -> str:
+def _mismatch_message(url: str, spec: str, missing, unexpected, mismatched: list[str]) -> str:
     parts = [f"checkpoint {url} does not fit model {spec}:"]
     if mismatched:
         parts.append(f"shape mismatch in {len(mismatched)} tensors ({'; '.join(mismatched[:5])})")
-    if result.missing_keys:
-        parts.append(f"missing keys {result.missing_keys[:8]}")
-    if result.unexpected_keys:
-        parts.append(f"unexpected keys {result.unexpected_keys[:8]}")
+    if missing:
+        parts.append(f"missing keys {missing[:8]}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:8]}")
     parts.append("check --model and --num-classes, and that the file belongs to this run")
     return " ".join(parts)

@@ -41,12 +41,17 @@ def checkpoint_order(num_checkpoints: int) -> list[int]:
 
 def target_of(logits: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
     """Per-example scalar whose input gradient is taken: logit, softmax probability or loss."""
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     if target == "logit":
         return logits.gather(1, labels[:, None])[:, 0]
     if target == "prob":
         return logits.softmax(dim=1).gather(1, labels[:, None])[:, 0]
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16 and fp16 values in fp32; fp32 and fp64 unchanged."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def reduce_channels(grad: torch.Tensor, channels: str) -> torch.Tensor:
@@ -63,9 +68,11 @@ def score_batch(
 ) -> BatchScores:
     """Fold the K input-gradient maps of a batch into one accumulator per window.
 
-    Every model must be in eval mode with frozen parameters, so only the gradient with respect to
-    the input is computed and examples do not interact through batch statistics.
+    Models are put in eval mode here, so that examples never interact through batch statistics
+    and Dropout is off; parameters should be frozen, so only the input gradient is computed.
     """
+    for model in models:
+        model.eval()
     accumulators = {name: VogAccumulator() for name in windows}
     num = len(models)
     preds = torch.empty((images.shape[0], num), dtype=torch.int64, device=images.device)
@@ -81,7 +88,7 @@ def score_batch(
             labels = preds[:, index] if options.label == "pred" else labels_true
             margin_last, loss_last = _margin_and_loss(logits.detach(), labels)
         (grad,) = torch.autograd.grad(target_of(logits, labels, options.target).sum(), inputs)
-        maps = reduce_channels(grad.float(), options.channels)
+        maps = reduce_channels(at_least_fp32(grad), options.channels)
         finite &= maps.flatten(1).isfinite().all(dim=1)
         for name, (start, stop) in windows.items():
             if start <= index < stop:
