@@ -17,7 +17,7 @@ from vog_ray import storage
 from vog_ray.checkpoints import Checkpoint, build_models, read_checkpoints, resolve_checkpoint_urls
 from vog_ray.config import ConfigError, ScoreConfig, parse_windows
 from vog_ray.manifest import build_manifest
-from vog_ray.plan import COMMITS, pending, prepare_output, read_commits, shard_id
+from vog_ray.plan import COMMITS, pending, prepare_output, read_commits, run_record, shard_id
 from vog_ray.reducer import (
     class_stats_table, merged_class_stats, write_errors, write_json, write_scores, write_table,
 )
@@ -72,9 +72,8 @@ def make_plan(config: ScoreConfig) -> Plan:
     models = build_models(checkpoints, config.model, config.num_classes)
     num_classes = _probe_num_classes(models, config)
     windows = parse_windows(config.windows, len(checkpoints))
-    fingerprint = config.fingerprint([c.sha256 for c in checkpoints])
-    run = {"fingerprint": fingerprint, "config": config.to_dict(),
-           "checkpoints": [c.record for c in checkpoints]}
+    run = run_record(config, checkpoints)
+    fingerprint = run["fingerprint"]
     resumed = prepare_output(config.output, run, config.overwrite, config.storage_options)
     committed = read_commits(config.output, shards, config.storage_options) if resumed else {}
     logger.info("%d shards (%d already committed), %d checkpoints, %d classes",

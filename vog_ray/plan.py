@@ -40,6 +40,16 @@ def read_commits(output: str, shard_urls: list[str], storage_options=None) -> di
     return records
 
 
+def run_record(config, checkpoints) -> dict[str, Any]:
+    """The content of ``run.json``: the fingerprint, the configuration and the checkpoints.
+
+    ``config`` is a :class:`~vog_ray.config.ScoreConfig`, ``checkpoints`` the read
+    :class:`~vog_ray.checkpoints.Checkpoint` list in checkpoint order.
+    """
+    return {"fingerprint": config.fingerprint([c.sha256 for c in checkpoints]),
+            "config": config.to_dict(), "checkpoints": [c.record for c in checkpoints]}
+
+
 def prepare_output(output: str, run: dict[str, Any], overwrite: bool, storage_options=None) -> bool:
     """Check ``run.json`` against this run; start afresh or resume. Returns True on resume.
 
