@@ -13,14 +13,15 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``vog-ray score`` and ``jobs/score.py``."""
+def add_score_arguments(parser: argparse.ArgumentParser, *, output: bool = True) -> None:
+    """Arguments of ``vog-ray score`` and ``jobs/score.py``; ``output=False`` omits --output."""
     add = parser.add_argument
     add("--data", nargs="+", required=True,
         help="WebDataset shard URLs or patterns (brace expansion, globs; any fsspec URL)")
     add("--checkpoints", nargs="+", required=True,
         help="checkpoint URLs or globs, at least 2, ordered by the numbers in their names")
-    add("--output", required=True, help="output folder URL")
+    if output:
+        add("--output", required=True, help="output folder URL")
     add("--model", help="torchvision:NAME or package.module:callable (not needed for TorchScript)")
     add("--num-classes", type=int)
     add("--image-size", type=int, default=224)
