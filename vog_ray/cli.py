@@ -13,6 +13,7 @@ from typing import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "vog_ray.commands",
     "vog_ray.make_shards",
+    "vog_ray.reaudit",
 )
 
 
