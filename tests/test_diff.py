@@ -170,3 +170,16 @@ def test_cli_prints_the_summary_and_writes_files(tmp_path, base, capsys):
     table = pq.read_table(io.BytesIO((tmp_path / "out" / "diff.parquet").read_bytes()))
     assert set(table.column("status").to_pylist()) == {"common"}
     assert not any(table.column("entered_top").to_pylist())
+
+
+def test_the_cli_hook_adds_the_same_command():
+    from vog_ray import diff, report
+
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    diff.register(subparsers)
+    report.register(subparsers)
+    args = parser.parse_args(["diff", "a", "b"])
+    assert (args.old, args.new, args.output) == ("a", "b", None)
+    args = parser.parse_args(["report", "out", "--baseline", "old"])
+    assert (args.output, args.per_class, args.baseline) == ("out", 8, "old")

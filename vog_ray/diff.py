@@ -241,6 +241,11 @@ def register_diff(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     return parser
 
 
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The hook :mod:`vog_ray.cli` calls on each module of ``COMMAND_MODULES``."""
+    return register_diff(subparsers)
+
+
 def _run_diff(args: argparse.Namespace) -> int:
     print(json.dumps(diff_audits(args.old, args.new, args.output), indent=2))
     return 0

@@ -385,6 +385,11 @@ def register_report(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return parser
 
 
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The hook :mod:`vog_ray.cli` calls on each module of ``COMMAND_MODULES``."""
+    return register_report(subparsers)
+
+
 def _run_report(args: argparse.Namespace) -> int:
     url = write_report(args.output, per_class=args.per_class, baseline=args.baseline,
                        review_size=args.review_size)
