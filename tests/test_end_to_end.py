@@ -74,3 +74,12 @@ def test_batch_size_one_agrees_within_tolerance(one_actor, digits, tmp_path):
     relative = np.abs(table["vog_raw"] / reference["vog_raw"] - 1)
     assert np.median(relative) < 1e-5
     assert relative.max() < 0.01
+
+
+def test_rerun_from_the_manifest_alone_gives_the_same_scores(one_actor, tmp_path):
+    from vog_ray.cli import main
+
+    summary, reference = one_actor
+    assert main(["rerun", summary["output"], "--output", str(tmp_path / "again")]) == 0
+    table = _scores(tmp_path / "again")
+    assert (table["vog"].to_numpy() == reference["vog"].to_numpy()).all()

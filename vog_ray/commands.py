@@ -74,6 +74,18 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_rerun(args: argparse.Namespace) -> int:
+    from vog_ray.driver import score
+    from vog_ray.manifest import read_manifest
+
+    values = read_manifest(args.audit, json.loads(args.storage_options))["config"]
+    values.update(output=args.output, overwrite=args.overwrite,
+                  storage_options=json.loads(args.storage_options))
+    summary = score(ScoreConfig(**values))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
     from vog_ray.demo import run_demo
     from vog_ray.summary import demo_summary
@@ -88,6 +100,12 @@ def register(subparsers) -> None:
     score_parser = subparsers.add_parser("score", help="score WebDataset shards with VoG")
     add_score_arguments(score_parser)
     score_parser.set_defaults(func=run_score)
+    rerun = subparsers.add_parser("rerun", help="score again from a finished audit's manifest")
+    rerun.add_argument("audit", help="output URL of a finished audit (holding manifest.json)")
+    rerun.add_argument("--output", required=True, help="where the new audit goes")
+    rerun.add_argument("--overwrite", action="store_true")
+    rerun.add_argument("--storage-options", default="{}")
+    rerun.set_defaults(func=run_rerun)
     demo = subparsers.add_parser("demo", help="audit scikit-learn's handwritten digits end to end")
     demo.add_argument("--output", default="demo-output")
     demo.add_argument("--epochs", type=int, default=9)
