@@ -1,4 +1,4 @@
-"""Command line: ``vog-ray score|demo|report|diff|make-shards|reaudit``."""
+"""Command line: ``vog-ray score|rerun|demo|report|diff|make-shards|reaudit``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vog_ray.commands",
     "vog_ray.make_shards",
     "vog_ray.reaudit",
+    "vog_ray.report",
+    "vog_ray.diff",
 )
 
 
