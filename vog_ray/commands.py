@@ -70,10 +70,6 @@ def run_score(args: argparse.Namespace) -> int:
     from vog_ray.driver import score
 
     summary = score(config_from_args(args))
-    if args.report:
-        from vog_ray.report import write_report
-
-        summary["files"]["report"] = write_report(args.output)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -17,20 +17,17 @@ from vog_ray import storage
 from vog_ray.checkpoints import Checkpoint, build_models, read_checkpoints, resolve_checkpoint_urls
 from vog_ray.config import ConfigError, ScoreConfig, parse_windows
 from vog_ray.manifest import build_manifest
-from vog_ray.plan import COMMITS, pending, prepare_output, read_commits, run_record, shard_id
+from vog_ray.plan import COMMITS, pending, prepare_output, read_commits, run_record
+from vog_ray.pool import JobFailed, ShardPool
 from vog_ray.reducer import (
-    class_stats_table, merged_class_stats, write_errors, write_json, write_scores, write_table,
+    class_stats_table, merged_class_stats, remove_leftovers, write_errors, write_json,
+    write_scores, write_table,
 )
 from vog_ray.worker import ShardResult, ShardScorer
 
 logger = logging.getLogger(__name__)
 
-_LOST_WORKER = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
-
-
-class JobFailed(RuntimeError):
-    """The audit stopped: too many failed samples, a sample under --strict, or a lost shard."""
+__all__ = ["JobFailed", "Plan", "make_plan", "reduce_audit", "run_pool", "score"]
 
 
 @dataclass
@@ -60,6 +57,10 @@ def score(config: ScoreConfig | None = None, **options: Any) -> dict[str, Any]:
     summary = reduce_audit(config, plan, results, wall_time=time.time() - started)
     logger.info("audit written to %s: %d scored, %d failed in %.1f s", config.output,
                 summary["counts"]["scored"], summary["counts"]["failed"], summary["wall_time_s"])
+    if config.report:
+        from vog_ray.report import write_report
+
+        summary["files"]["report"] = write_report(config.output)
     return summary
 
 
@@ -98,7 +99,9 @@ def _probe_num_classes(models: list[torch.nn.Module], config: ScoreConfig) -> in
         raise ConfigError(f"the checkpoints disagree on the number of classes: {sorted(sizes)}")
     num_classes = sizes.pop()
     if config.num_classes is not None and config.num_classes != num_classes:
-        raise ConfigError(f"--num-classes is {config.num_classes} but the model gives {num_classes}")
+        raise ConfigError(
+            f"--num-classes is {config.num_classes} but the model gives {num_classes}"
+        )
     return num_classes
 
 
@@ -126,7 +129,10 @@ def _worker_layout(config: ScoreConfig, num_shards: int) -> tuple[int, dict[str,
 
 
 def run_pool(config: ScoreConfig, plan: Plan) -> list[ShardResult]:
-    """Score the pending shards on a pool of actors; each result is committed as it arrives."""
+    """Score the pending shards on a pool of actors; each result is committed as it arrives.
+
+    The actors are stopped however this ends, so that a failed job holds no cluster resources.
+    """
     todo = deque(pending(plan.shards, plan.committed))
     if not todo:
         return []
@@ -135,16 +141,18 @@ def run_pool(config: ScoreConfig, plan: Plan) -> list[ShardResult]:
     checkpoints_ref = ray.put(plan.checkpoints)
     actor_class = ray.remote(ShardScorer).options(**resources)
     make = lambda: actor_class.remote(config_ref, checkpoints_ref, plan.windows, plan.num_classes)  # noqa: E731
-    pool = _Pool(make, count, config.max_retries)
     logger.info("scoring %d shards on %d actors (%s)", len(todo), count, resources)
     results: list[ShardResult] = []
-    with tqdm(desc="examples", unit="ex", disable=not config.progress) as bar:
-        for result in pool.run(todo):
-            commit_shard(config, result)
-            results.append(result)
-            bar.update(result.read)
-    for actor in pool.actors:
-        ray.kill(actor)
+    pool = ShardPool(make, count, max_retries=config.max_retries, resources=resources,
+                     storage_options=config.storage_options)
+    try:
+        with tqdm(desc="examples", unit="ex", disable=not config.progress) as bar:
+            for result in pool.run(todo):
+                commit_shard(config, result)
+                results.append(result)
+                bar.update(result.read)
+    finally:
+        pool.shutdown()
     return results
 
 
@@ -160,63 +168,17 @@ def commit_shard(config: ScoreConfig, result: ShardResult) -> None:
     write_json(url, result.to_record(), config.storage_options)
 
 
-class _Pool:
-    """Keeps every actor two shards deep; replaces lost actors and retries their shards."""
-
-    def __init__(self, make, count: int, max_retries: int) -> None:
-        self.make = make
-        self.actors = [make() for _ in range(count)]
-        self.generation = [0] * count
-        self.max_retries = max_retries
-        self.attempts: dict[str, int] = {}
-        self.inflight: dict[Any, tuple[int, int, str]] = {}
-
-    def run(self, todo: deque):
-        for slot in range(len(self.actors)):
-            self._fill(slot, todo)
-        while self.inflight:
-            (ref,), _ = ray.wait(list(self.inflight), num_returns=1)
-            slot, generation, url = self.inflight.pop(ref)
-            try:
-                yield ray.get(ref)
-            except _LOST_WORKER as error:
-                self._retry(slot, generation, url, todo, error)
-            except ray.exceptions.RayTaskError as error:
-                raise JobFailed(f"shard {url} failed: {error.cause or error}") from error
-            self._fill(slot, todo)
-
-    def _fill(self, slot: int, todo: deque) -> None:
-        while todo and sum(1 for s, _, _ in self.inflight.values() if s == slot) < 2:
-            url = todo.popleft()
-            ref = self.actors[slot].score_shard.remote(url, shard_id(url))
-            self.inflight[ref] = (slot, self.generation[slot], url)
-
-    def _retry(self, slot: int, generation: int, url: str, todo: deque, error) -> None:
-        self.attempts[url] = self.attempts.get(url, 0) + 1
-        if self.attempts[url] > self.max_retries:
-            raise JobFailed(
-                f"shard {url} lost its worker {self.attempts[url]} times; last error: {error}"
-            ) from error
-        logger.warning("worker lost while scoring %s (%s); retrying elsewhere",
-                       url, type(error).__name__)
-        if generation == self.generation[slot]:
-            ray.kill(self.actors[slot], no_restart=True)
-            self.actors[slot] = self.make()
-            self.generation[slot] += 1
-        todo.appendleft(url)
-
-
 def reduce_audit(config: ScoreConfig, plan: Plan, results: list[ShardResult], *,
                  wall_time: float) -> dict[str, Any]:
     """Check the error budget, then write class statistics, scores, errors and the manifest."""
-    read = sum(r.read for r in results)
-    failed = sum(r.failed for r in results)
     write_errors(config.output, results, config.storage_options)
-    _check_error_budget(config, results, read, failed)
+    check_error_budget(results, config.max_error_rate,
+                       storage.join(config.output, "errors.parquet"))
     stats = merged_class_stats(results, plan.windows)
     write_table(storage.join(config.output, "class_stats.parquet"), class_stats_table(stats),
                 config.storage_options)
-    scored = write_scores(config.output, results, stats, config.storage_options)
+    write_scores(config.output, results, stats, config.storage_options)
+    remove_leftovers(config.output, results, config.storage_options)
     manifest = build_manifest(config, plan, results, wall_time=wall_time)
     write_json(storage.join(config.output, "manifest.json"), manifest, config.storage_options)
     return {
@@ -230,17 +192,39 @@ def reduce_audit(config: ScoreConfig, plan: Plan, results: list[ShardResult], *,
     }
 
 
-def _check_error_budget(config, results, read: int, failed: int) -> None:
-    if read == 0:
-        shard_errors = [e["message"] for r in results for e in r.errors][:3]
-        raise JobFailed(f"no sample could be read from {len(results)} shards: {shard_errors}; "
-                        "check --data")
-    if failed / read <= config.max_error_rate:
+def check_error_budget(results: list[ShardResult], max_error_rate: float, errors_url: str) -> None:
+    """Raise :class:`JobFailed` when the share of failed samples, or of shards that could not
+    be read whole (missing, empty, cut short), is above ``max_error_rate``; 1 never fails."""
+    if max_error_rate >= 1:
         return
-    worst = sorted(results, key=lambda r: r.failed / max(r.read, 1), reverse=True)[:5]
-    names = ", ".join(f"{r.url} ({r.failed}/{r.read})" for r in worst if r.failed)
+    read = sum(r.read for r in results)
+    failed = sum(r.failed for r in results)
+    broken = sum(1 for r in results if _shard_reasons(r))
+    if read == 0:
+        raise JobFailed(f"no sample could be read from the {len(results)} shards: "
+                        f"{_worst_shards(results)}; check --data")
+    if failed / read <= max_error_rate and broken / max(len(results), 1) <= max_error_rate:
+        return
     raise JobFailed(
-        f"{failed} of {read} samples failed ({failed / read:.2%}), above --max-error-rate "
-        f"{config.max_error_rate:.2%}; worst shards: {names}. See "
-        f"{storage.join(config.output, 'errors.parquet')}"
+        f"{failed} of {read} samples ({failed / read:.2%}) and {broken} of {len(results)} "
+        f"shards ({broken / len(results):.2%}) failed, above --max-error-rate "
+        f"{max_error_rate:.2%}; worst shards: {_worst_shards(results)}. Every failure is listed "
+        f"in {errors_url}. Fix the data and rerun the same command (shards not read whole are "
+        "read again), or pass a higher --max-error-rate"
     )
+
+
+def _shard_reasons(result: ShardResult) -> list[str]:
+    return [e["reason"] for e in result.errors if e.get("key") is None]
+
+
+def _worst_shards(results: list[ShardResult], limit: int = 5) -> str:
+    """Shards not read whole first, then by their share of failed samples."""
+    bad = [r for r in results if r.failed or _shard_reasons(r)]
+    bad.sort(key=lambda r: (bool(_shard_reasons(r)), r.failed / max(r.read, 1)), reverse=True)
+    return ", ".join(_describe(r) for r in bad[:limit]) or "none"
+
+
+def _describe(result: ShardResult) -> str:
+    problems = [*_shard_reasons(result), f"{result.failed}/{result.read} samples failed"]
+    return f"{result.url} ({'; '.join(problems)})"
