@@ -62,7 +62,10 @@ def read_checkpoints(urls: list[str], storage_options: dict | None = None) -> li
         except FileNotFoundError as error:
             raise CheckpointError(f"checkpoint {url} does not exist; check the path") from error
         except OSError as error:
-            raise CheckpointError(f"cannot read checkpoint {url}: {error}") from error
+            detail = storage.scrub(f"{type(error).__name__}: {error}", storage_options)
+            raise CheckpointError(
+                f"cannot read checkpoint {url} ({detail}); check the path and the credentials"
+            ) from error
         checkpoints.append(Checkpoint(url, data, hashlib.sha256(data).hexdigest()))
     return checkpoints
 
@@ -98,7 +101,8 @@ def load_checkpoint(data: bytes, url: str) -> dict[str, torch.Tensor] | torch.ji
         raise CheckpointError(
             f"checkpoint {url} holds objects other than tensors and was refused, since loading "
             "it would run code from the file. Re-save it as a plain state_dict "
-            f"(torch.save(model.state_dict(), path)) or as safetensors. Detail: {_first_line(error)}"
+            "(torch.save(model.state_dict(), path)) or as safetensors. "
+            f"Detail: {_first_line(error)}"
         ) from error
     except (RuntimeError, ValueError, EOFError, OSError, json.JSONDecodeError) as error:
         raise CheckpointError(
@@ -119,9 +123,10 @@ def _unwrap(loaded: Any, url: str) -> dict[str, torch.Tensor]:
                 return loaded[key]
         if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
             return loaded
+    found = list(loaded)[:10] if isinstance(loaded, dict) else type(loaded).__name__
     raise CheckpointError(
         f"checkpoint {url} is not a state_dict nor a dict holding one under "
-        f"{', '.join(_WRAPPER_KEYS)}; top-level keys: {list(loaded)[:10] if isinstance(loaded, dict) else type(loaded).__name__}"
+        f"{', '.join(_WRAPPER_KEYS)}; top-level keys: {found}"
     )
 
 
@@ -148,13 +153,16 @@ def build_models(
     return models
 
 
-def _model_for(checkpoint: Checkpoint, model_spec: str | None, num_classes: int | None) -> nn.Module:
+def _model_for(
+    checkpoint: Checkpoint, model_spec: str | None, num_classes: int | None
+) -> nn.Module:
     loaded = load_checkpoint(checkpoint.data, checkpoint.url)
     if isinstance(loaded, torch.jit.ScriptModule):
         return loaded
     if model_spec is None:
         raise CheckpointError(
-            f"checkpoint {checkpoint.url} is a state_dict, so --model is needed to build the network"
+            f"checkpoint {checkpoint.url} is a state_dict, so --model is needed to build the "
+            "network"
         )
     model = build_model(model_spec, num_classes)
     expected = model.state_dict()

@@ -193,8 +193,11 @@ def reduce_audit(config: ScoreConfig, plan: Plan, results: list[ShardResult], *,
 
 
 def check_error_budget(results: list[ShardResult], max_error_rate: float, errors_url: str) -> None:
-    """Raise :class:`JobFailed` when the share of failed samples, or of shards that could not
-    be read whole (missing, empty, cut short), is above ``max_error_rate``; 1 never fails."""
+    """Raise :class:`JobFailed` when too many samples or shards failed; a rate of 1 never fails.
+
+    Both the share of failed samples and the share of shards that could not be read whole
+    (missing, empty, cut short) must stay within ``max_error_rate``.
+    """
     if max_error_rate >= 1:
         return
     read = sum(r.read for r in results)

@@ -12,6 +12,7 @@ from vog_ray import storage
 logger = logging.getLogger(__name__)
 
 COMMITS = "commits"
+PARTS = "parts"
 
 
 class ResumeRefused(RuntimeError):
@@ -29,15 +30,46 @@ def pending(shard_urls: list[str], committed: dict[str, dict[str, Any]]) -> list
 
 
 def read_commits(output: str, shard_urls: list[str], storage_options=None) -> dict[str, dict]:
-    """Commit records of this audit's shards found under ``OUTPUT/commits``."""
+    """Commit records under ``OUTPUT/commits`` that a resumed run can reuse, by shard id.
+
+    A record is left out, so that its shard is scored again, when it cannot be parsed, when its
+    part file is gone, or when its shard could not be read whole (missing, empty or cut short):
+    the shard may have been fixed since.
+    """
     wanted = {shard_id(url) for url in shard_urls}
+    parts = set(storage.list_dir(storage.join(output, PARTS), storage_options))
     records = {}
     for name in storage.list_dir(storage.join(output, COMMITS), storage_options):
         ident = name.removesuffix(".json")
-        if name.endswith(".json") and ident in wanted:
-            data = storage.read_bytes(storage.join(output, COMMITS, name), storage_options)
-            records[ident] = json.loads(data)
+        if not name.endswith(".json") or ident not in wanted:
+            continue
+        record = _read_record(storage.join(output, COMMITS, name), storage_options)
+        problem = "its commit record cannot be parsed" if record is None \
+            else reuse_problem(record, parts)
+        if problem:
+            logger.warning("shard %s is scored again: %s", ident, problem)
+            continue
+        records[ident] = record
     return records
+
+
+def reuse_problem(record: dict[str, Any], parts: set[str]) -> str | None:
+    """Why a commit record cannot be reused, given the names of the part files present."""
+    shard_errors = [e["reason"] for e in record.get("errors", []) if e.get("key") is None]
+    if shard_errors:
+        return f"{record.get('url')} was not read whole before ({', '.join(shard_errors)})"
+    part = record.get("part")
+    if part and part.rsplit("/", 1)[-1] not in parts:
+        return f"its part file {part} is missing"
+    return None
+
+
+def _read_record(url: str, storage_options) -> dict[str, Any] | None:
+    try:
+        record = json.loads(storage.read_bytes(url, storage_options))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and "shard_id" in record else None
 
 
 def run_record(config, checkpoints) -> dict[str, Any]:
@@ -68,7 +100,7 @@ def prepare_output(output: str, run: dict[str, Any], overwrite: bool, storage_op
             f"(fingerprint {previous.get('fingerprint', '?')[:12]} vs {run['fingerprint'][:12]}); "
             "choose another --output, or pass --overwrite to replace it"
         )
-    for name in (COMMITS, "parts", "manifest.json", "scores.parquet", "class_stats.parquet",
+    for name in (COMMITS, PARTS, "manifest.json", "scores.parquet", "class_stats.parquet",
                  "errors.parquet", "run.json"):
         storage.remove(storage.join(output, name), storage_options)
     storage.write_bytes(run_url, json.dumps(run, indent=2).encode(), storage_options)

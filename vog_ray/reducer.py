@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vog_ray import storage
+from vog_ray.plan import COMMITS, PARTS
 from vog_ray.rows import raw_column
 from vog_ray.stats import ClassStats, merge_all, normalization_flag, normalize
 from vog_ray.worker import ShardResult
@@ -108,6 +109,29 @@ def write_errors(output: str, results: list[ShardResult], storage_options=None) 
     write_table(storage.join(output, "errors.parquet"),
                 pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), storage_options)
     return len(rows)
+
+
+def remove_leftovers(output: str, results: list[ShardResult], storage_options=None) -> int:
+    """Delete part files no commit record names, and half-written temporary files.
+
+    Lost workers, retried shards and a killed driver leave such files; readers never trust
+    them. Returns the number of files removed.
+    """
+    named = {r.part.rsplit("/", 1)[-1] for r in results if r.part}
+    leftovers = [
+        storage.join(output, PARTS, name)
+        for name in storage.list_dir(storage.join(output, PARTS), storage_options)
+        if name not in named
+    ] + [
+        storage.join(output, COMMITS, name)
+        for name in storage.list_dir(storage.join(output, COMMITS), storage_options)
+        if ".tmp-" in name
+    ]
+    for url in leftovers:
+        storage.remove(url, storage_options)
+    if leftovers:
+        logger.info("removed %d files that no commit record names", len(leftovers))
+    return len(leftovers)
 
 
 def write_json(url: str, value: dict[str, Any], storage_options=None) -> None:

@@ -95,12 +95,17 @@ class ShardReader:
             fs, path = storage.filesystem(url, self.config.storage_options)
             handle = fs.open(path, "rb")
         except (FileNotFoundError, OSError) as error:
-            state.errors.append(SampleError(None, url, "open", "missing_shard", _text(error)))
+            reason = "missing_shard" if isinstance(error, FileNotFoundError) else "unreadable_shard"
+            state.errors.append(SampleError(None, url, "open", reason, self._text(error)))
             return
         with handle:
             yield from self._group(handle, url, state)
+        if state.read == 0 and not state.errors:
+            state.errors.append(SampleError(None, url, "read", "empty_shard",
+                                            "the shard holds no sample; check how it was written"))
 
     def _group(self, handle, url: str, state: ShardReadState):
+        """Group tar members into samples by key; a key seen again starts a new sample."""
         key, files = None, {}
         try:
             for item in tar_file_iterator(handle):
@@ -113,11 +118,28 @@ class ShardReader:
                 key = prefix
                 files[suffix.lower()] = item["data"]
         except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-            state.incomplete = True
-            logger.warning("shard %s is cut short after %d samples: %s", url, state.read, error)
-            state.errors.append(SampleError(None, url, "read", "truncated_shard", _text(error)))
+            self._cut_short(url, state, error)
+            if key is not None and not any(name in files for name in self.config.image_keys):
+                state.read += 1
+                message = f"the shard ends inside this sample, after {sorted(files)}"
+                state.errors.append(SampleError(key, url, "read", "truncated_sample", message))
+                return
         if key is not None:
             yield key, files
+
+    def _cut_short(self, url: str, state: ShardReadState, error: BaseException) -> None:
+        """Record a shard whose tar stream breaks off; a 0-byte file counts as empty."""
+        if state.read == 0 and not state.errors and "empty file" in str(error):
+            state.errors.append(SampleError(None, url, "read", "empty_shard",
+                                            "the shard is a 0-byte file; check how it was written"))
+            return
+        state.incomplete = True
+        logger.warning("shard %s is cut short after %d samples: %s", url, state.read,
+                       self._text(error))
+        state.errors.append(SampleError(None, url, "read", "truncated_shard", self._text(error)))
+
+    def _text(self, error: BaseException) -> str:
+        return storage.scrub(_text(error), self.config.storage_options)
 
     def _prepare(self, key: str, files: dict[str, bytes], url: str, state: ShardReadState):
         label = self._label(key, files, url, state)
@@ -125,11 +147,11 @@ class ShardReader:
             return None
         try:
             image = self._decode(files)
-        except _MissingImage as error:
-            state.errors.append(SampleError(key, url, "decode", "missing_image", str(error)))
+        except (_MissingImage, _EmptyImage) as error:
+            state.errors.append(SampleError(key, url, "decode", error.reason, str(error)))
             return None
         except Exception as error:  # noqa: BLE001 - any decoder failure is recorded per sample
-            state.errors.append(SampleError(key, url, "decode", "bad_image", _text(error)))
+            state.errors.append(SampleError(key, url, "decode", "bad_image", self._text(error)))
             return None
         return image, label
 
@@ -164,7 +186,7 @@ class ShardReader:
 
     def _decode_pil(self, data: bytes) -> torch.Tensor:
         if not data:
-            raise ValueError("empty image file")
+            raise _EmptyImage("the image file is empty (0 bytes)")
         with Image.open(io.BytesIO(data)) as image:
             image.draft(self.mode, (self.config.image_size, self.config.image_size))
             array = np.asarray(image.convert(self.mode))
@@ -174,7 +196,11 @@ class ShardReader:
 
 
 class _MissingImage(ValueError):
-    pass
+    reason = "missing_image"
+
+
+class _EmptyImage(ValueError):
+    reason = "empty_image"
 
 
 def _decode_array(data: bytes) -> torch.Tensor:

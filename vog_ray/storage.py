@@ -66,8 +66,12 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 
 def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Names of the files directly under a folder URL; empty when it does not exist."""
+    """Names of the files directly under a folder URL; empty when it does not exist.
+
+    The listing is always fresh: files written meanwhile by other processes are seen.
+    """
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
@@ -115,8 +119,7 @@ def open_for_write(url: str, storage_options: dict[str, Any] | None = None):
     """A binary file handle whose content becomes visible whole, when the block ends cleanly."""
     fs, path = filesystem(url, storage_options)
     if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as handle:
-            yield handle
+        yield from _open_remote_for_write(fs, path)
         return
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -127,3 +130,33 @@ def open_for_write(url: str, storage_options: dict[str, Any] | None = None):
     finally:
         if fs.exists(temporary):
             fs.rm(temporary)
+
+
+def _open_remote_for_write(fs, path: str):
+    """Upload inside an fsspec transaction: committed when the block ends, discarded on error."""
+    with fs.transaction, fs.open(path, "wb") as handle:
+        yield handle
+
+
+_SECRET_MIN_LENGTH = 4
+
+
+def scrub(text: str, storage_options: dict[str, Any] | None) -> str:
+    """``text`` with every string in the storage options replaced by ``***``.
+
+    Used on exception text before it reaches a log line, an error record or a message, since a
+    failing store call may quote its endpoint, key or token.
+    """
+    for value in sorted(_string_values(storage_options or {}), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def _string_values(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if len(value) >= _SECRET_MIN_LENGTH else []
+    if isinstance(value, dict):
+        return [item for inner in value.values() for item in _string_values(inner)]
+    if isinstance(value, (list, tuple)):
+        return [item for inner in value for item in _string_values(inner)]
+    return []
