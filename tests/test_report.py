@@ -226,19 +226,15 @@ def test_command_line_and_argument_checks(tmp_path, synthetic, capsys):
 
 
 @pytest.fixture(scope="module")
-def demo_output(tmp_path_factory, ray_local):
-    """The digits demo (training plus three audits), at the fewest epochs its windows allow."""
-    from vog_ray.demo import run_demo
-
-    folder = str(tmp_path_factory.mktemp("demo"))
-    run_demo(folder, epochs=6, num_workers=1, progress=False)
-    return folder
+def demo_audits(demo_output):
+    """The output folder of the session's digits demo (see conftest)."""
+    return demo_output[0]
 
 
 def _chromium(url: str, profile: Path, *options: str) -> subprocess.CompletedProcess:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.skip("Chromium is not installed; `make browser` installs it")
+        pytest.fail("Chromium is not installed; `make browser` installs it")
     command = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *options, url]
     return subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
 
@@ -247,8 +243,8 @@ def _console_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
 
 
-def test_demo_report_renders_in_chromium(demo_output, tmp_path):
-    index = write_report(f"{demo_output}/audit-train", per_class=8)
+def test_demo_report_renders_in_chromium(demo_audits, tmp_path):
+    index = write_report(f"{demo_audits}/audit-train", per_class=8)
     html = Path(index).read_text()
     images = html.count("<img ")
     assert images == 10 * 16 + 3
@@ -269,8 +265,8 @@ def test_demo_report_renders_in_chromium(demo_output, tmp_path):
         shutil.copyfile(screenshot, os.environ["VOG_RAY_SCREENSHOT"])
 
 
-def test_demo_report_against_a_baseline(demo_output):
-    true_audit, pred_audit = f"{demo_output}/audit-test-true", f"{demo_output}/audit-test-pred"
+def test_demo_report_against_a_baseline(demo_audits):
+    true_audit, pred_audit = f"{demo_audits}/audit-test-true", f"{demo_audits}/audit-test-pred"
     index = write_report(pred_audit, per_class=2, baseline=true_audit)
     summary = json.loads(Path(index).with_name("diff").joinpath("diff_summary.json").read_text())
     truth = pq.read_table(f"{true_audit}/scores.parquet").to_pylist()

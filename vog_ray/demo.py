@@ -125,6 +125,8 @@ def run_demo(output: str = "demo-output", *, epochs: int = 9, seed: int = 0,
     audits = {
         "train": score(data=train_urls, output=storage.join(output, "audit-train"),
                        windows="thirds", **common),
+        "train_loss": score(data=train_urls, output=storage.join(output, "audit-train-loss"),
+                            windows="thirds", target="loss", **common),
         "test_true": score(data=test_urls, output=storage.join(output, "audit-test-true"),
                            **common),
         "test_pred": score(data=test_urls, output=storage.join(output, "audit-test-pred"),

@@ -66,6 +66,9 @@ def findings(output: str, flipped_keys: list[str]) -> dict[str, Any]:
     """Both findings from the demo's three audits under ``output``."""
     return {
         "label_noise": label_noise(read_scores(storage.join(output, "audit-train")), flipped_keys),
+        "label_noise_loss_target": label_noise(
+            read_scores(storage.join(output, "audit-train-loss")), flipped_keys
+        ),
         "test_error_by_decile": {
             label: error_by_decile(read_scores(storage.join(output, f"audit-test-{label}")))
             for label in ("true", "pred")

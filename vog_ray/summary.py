@@ -33,12 +33,15 @@ def demo_summary(result: dict[str, Any]) -> str:
     for label, items in top_per_class(result["audits"]["train"]["output"]).items():
         lines.append(f"  {label}: " + ", ".join(f"{k} {v:+.2f}" for k, v in items))
     noise = result["findings"]["label_noise"]
-    lines.append(f"label noise: base rate {noise['base_rate']:.1%} of {noise['examples']} examples")
-    for column in ("vog", "vog_late", "vog_early"):
-        if column in noise:
-            f = noise[column]
-            lines.append(f"  {column:9s} top decile {f['top_decile_share']:.1%} "
-                         f"(x{f['lift']:.1f} the base rate), ROC AUC {f['roc_auc']:.3f}")
+    lines.append(f"flipped labels: base rate {noise['base_rate']:.1%} of {noise['examples']} "
+                 "training examples; share in the top VoG decile and ROC AUC:")
+    for target, key in (("logit", "label_noise"), ("loss", "label_noise_loss_target")):
+        found = result["findings"][key]
+        for column in ("vog", "vog_early", "vog_late"):
+            if column in found:
+                f = found[column]
+                lines.append(f"  --target {target:5s} {column:9s} {f['top_decile_share']:6.1%} "
+                             f"(x{f['lift']:.1f} the base rate), ROC AUC {f['roc_auc']:.3f}")
     lines.append("test error by VoG decile, lowest VoG first:")
     for label, rates in result["findings"]["test_error_by_decile"].items():
         lines.append(f"  --label {label:4s} " + " ".join(f"{r:.2f}" for r in rates))
