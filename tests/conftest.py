@@ -12,14 +12,19 @@ import torch
 from vog_ray import demo
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A Ray instance of this test session only, on this machine; stopped at the end."""
+def start_local_ray() -> None:
+    """(Re)start the session's own Ray on this machine; also used after a multi-node test."""
     if ray.is_initialized():
         ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A Ray instance of this test session only, on this machine; stopped at the end."""
+    start_local_ray()
     yield
     ray.shutdown()
 
@@ -52,3 +57,33 @@ def digits_config(digits, output, **overrides):
     )
     options.update(overrides)
     return options
+
+
+S3_BUCKET = "vog-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on a free loopback port with one bucket; yields s3fs storage options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"key": "test-access-key-id", "secret": "test-secret-key-do-not-log",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                 aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
+                 ).create_bucket(Bucket=S3_BUCKET)
+    yield {"bucket": S3_BUCKET, "endpoint": endpoint, "storage_options": options}
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory, ray_local):
+    """The digits demo as `make demo` runs it (training plus its four audits), once per session."""
+    folder = str(tmp_path_factory.mktemp("demo"))
+    result = demo.run_demo(folder, num_workers=1, progress=False)
+    return folder, result
