@@ -37,8 +37,8 @@ def test_streaming_accumulator_equals_batch_formula(k):
     accumulator = VogAccumulator()
     for t in range(k):
         accumulator.update(torch.from_numpy(grads[t]))
-    np.testing.assert_allclose(accumulator.raw_scores().numpy(), numpy_vog(grads.astype(np.float64)),
-                               rtol=1e-10)
+    expected = numpy_vog(grads.astype(np.float64))
+    np.testing.assert_allclose(accumulator.raw_scores().numpy(), expected, rtol=1e-10)
 
 
 def test_accumulator_needs_two_checkpoints():

@@ -133,6 +133,7 @@ def run_demo(output: str = "demo-output", *, epochs: int = 9, seed: int = 0,
                            label="pred", **common),
     }
     result = findings(output, [key_of(int(i)) for i in split["flipped"]])
-    storage.write_bytes(storage.join(output, "findings.json"), json.dumps(result, indent=2).encode())
+    storage.write_bytes(storage.join(output, "findings.json"),
+                        json.dumps(result, indent=2).encode())
     return {"output": output, "audits": audits, "findings": result,
             "wall_time_s": round(time.time() - started, 1)}

@@ -1,4 +1,4 @@
-"""The small CNN the digits demo trains; importable so a demo audit can be rerun from its manifest."""
+"""The small CNN of the digits demo; importable, so a demo audit reruns from its manifest."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     if count_pos == 0 or count_neg == 0:
         return float("nan")
     ranks = rankdata(scores)
-    return float((ranks[positive].sum() - count_pos * (count_pos + 1) / 2) / (count_pos * count_neg))
+    above = ranks[positive].sum() - count_pos * (count_pos + 1) / 2
+    return float(above / (count_pos * count_neg))
 
 
 def deciles(values: np.ndarray) -> np.ndarray:

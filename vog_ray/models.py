@@ -31,7 +31,9 @@ def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
     import torchvision
 
     if name not in torchvision.models.list_models():
-        raise ModelSpecError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+        raise ModelSpecError(
+            f"torchvision has no model {name!r}; see torchvision.models.list_models()"
+        )
     kwargs = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -46,5 +48,7 @@ def _imported_model(module_name: str, attribute: str, num_classes: int | None) -
     accepts = "num_classes" in inspect.signature(factory).parameters
     model = factory(num_classes=num_classes) if accepts and num_classes is not None else factory()
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{module_name}:{attribute} returned {type(model).__name__}, not nn.Module")
+        raise ModelSpecError(
+            f"{module_name}:{attribute} returned {type(model).__name__}, not an nn.Module"
+        )
     return model

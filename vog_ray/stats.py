@@ -29,7 +29,9 @@ def vog_from_gradients(grads: np.ndarray | torch.Tensor) -> np.ndarray:
     """
     stack = torch.as_tensor(grads).to(torch.float64)
     if stack.ndim < 2:
-        raise ValueError(f"grads must be shaped (K, N, *pixel_dims), got shape {tuple(stack.shape)}")
+        raise ValueError(
+            f"grads must be shaped (K, N, *pixel_dims), got shape {tuple(stack.shape)}"
+        )
     if stack.shape[0] < 2:
         raise ValueError(f"VoG needs at least 2 checkpoints, got K={stack.shape[0]}")
     spread = stack.var(dim=0, correction=0).sqrt()
