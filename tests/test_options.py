@@ -2,7 +2,6 @@
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from webdataset import TarWriter
 
 import vog_ray

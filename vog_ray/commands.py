@@ -37,7 +37,11 @@ def add_score_arguments(parser: argparse.ArgumentParser, *, output: bool = True)
     add("--windows", default="", help="thirds, or name=start:stop,... checkpoint index ranges")
     add("--precision", choices=["fp32", "bf16"], default="fp32")
     add("--compile", action="store_true", help="torch.compile each checkpoint's model")
+    add("--checkpoint-batching", choices=["loop", "vmap"], default="loop",
+        help="run the K checkpoints one after another, or all at once with torch.func.vmap")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add("--jpeg-decode", choices=["auto", "cpu"], default="auto",
+        help="auto: JPEG files are decoded on the GPU (nvJPEG) when scoring on CUDA")
     add("--num-workers", type=int)
     add("--threads-per-worker", type=int)
     add("--prefetch", type=int, default=2, help="batches decoded ahead of compute per actor")
@@ -58,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         image_keys=tuple(k for k in args.image_keys.split(",") if k), label_key=args.label_key,
         batch_size=args.batch_size, label=args.label, target=args.target,
         channels=args.channels, windows=args.windows, precision=args.precision,
-        compile=args.compile, device=args.device, num_workers=args.num_workers,
+        compile=args.compile, checkpoint_batching=args.checkpoint_batching,
+        device=args.device, jpeg_decode=args.jpeg_decode, num_workers=args.num_workers,
         threads_per_worker=args.threads_per_worker, prefetch=args.prefetch,
         max_error_rate=args.max_error_rate, strict=args.strict, overwrite=args.overwrite,
         max_retries=args.max_retries, storage_options=json.loads(args.storage_options),
@@ -70,7 +75,7 @@ def run_score(args: argparse.Namespace) -> int:
     from vog_ray.driver import score
 
     summary = score(config_from_args(args))
-    print(json.dumps(summary, indent=2))
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
@@ -82,7 +87,7 @@ def run_rerun(args: argparse.Namespace) -> int:
     values.update(output=args.output, overwrite=args.overwrite,
                   storage_options=json.loads(args.storage_options))
     summary = score(ScoreConfig(**values))
-    print(json.dumps(summary, indent=2))
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

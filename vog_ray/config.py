@@ -18,11 +18,15 @@ TARGETS = ("logit", "prob", "loss")
 CHANNEL_MODES = ("mean", "keep")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT_BATCHING = ("loop", "vmap")
+JPEG_DECODERS = ("auto", "cpu")
 
 # Fields that change no score: left out of the fingerprint that guards a resumed audit.
 _RUN_ONLY_FIELDS = (
     "num_workers", "overwrite", "storage_options", "max_error_rate", "strict", "prefetch",
     "threads_per_worker", "max_retries", "progress", "report", "device",
+    # How the work is laid out; scores agree within docs/performance.md's tolerances.
+    "checkpoint_batching", "jpeg_decode",
 )
 
 
@@ -51,7 +55,9 @@ class ScoreConfig:
     windows: str = ""
     precision: str = "fp32"
     compile: bool = False
+    checkpoint_batching: str = "loop"
     device: str = "auto"
+    jpeg_decode: str = "auto"
     num_workers: int | None = None
     threads_per_worker: int | None = None
     prefetch: int = 2
@@ -79,6 +85,8 @@ class ScoreConfig:
         _choice("channels", self.channels, CHANNEL_MODES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
+        _choice("checkpoint-batching", self.checkpoint_batching, CHECKPOINT_BATCHING)
+        _choice("jpeg-decode", self.jpeg_decode, JPEG_DECODERS)
         if not self.data:
             raise ConfigError("--data is empty: give at least one shard URL or pattern")
         if not self.checkpoints:

@@ -140,7 +140,10 @@ def run_pool(config: ScoreConfig, plan: Plan) -> list[ShardResult]:
     config_ref = ray.put(_actor_config(config, threads))
     checkpoints_ref = ray.put(plan.checkpoints)
     actor_class = ray.remote(ShardScorer).options(**resources)
-    make = lambda: actor_class.remote(config_ref, checkpoints_ref, plan.windows, plan.num_classes)  # noqa: E731
+
+    def make():
+        return actor_class.remote(config_ref, checkpoints_ref, plan.windows, plan.num_classes)
+
     logger.info("scoring %d shards on %d actors (%s)", len(todo), count, resources)
     results: list[ShardResult] = []
     pool = ShardPool(make, count, max_retries=config.max_retries, resources=resources,

@@ -64,11 +64,8 @@ class ShardReader:
         self.config = config
         self.num_classes = num_classes
         self.mode = "RGB" if len(config.mean) == 3 else "L"
-        self.transform = v2.Compose([
-            v2.Resize(config.image_size, antialias=True),
-            v2.CenterCrop(config.image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(config.mean), list(config.std)),
+        self.geometry = v2.Compose([
+            v2.Resize(config.image_size, antialias=True), v2.CenterCrop(config.image_size),
         ])
 
     def batches(self, url: str, state: ShardReadState) -> Iterator[Batch]:
@@ -85,10 +82,33 @@ class ShardReader:
             images.append(prepared[0])
             labels.append(prepared[1])
             if len(keys) == self.config.batch_size:
-                yield _make_batch(keys, images, labels)
+                yield self._make_batch(keys, images, labels)
                 keys, images, labels = [], [], []
         if keys:
-            yield _make_batch(keys, images, labels)
+            yield self._make_batch(keys, images, labels)
+
+    def _make_batch(self, keys: list[str], images: list[torch.Tensor], labels: list[int]) -> Batch:
+        """Stack the samples and normalize them in one call for the whole batch."""
+        return Batch(list(keys), self.normalize(torch.stack(images)),
+                     torch.tensor(labels, dtype=torch.int64))
+
+    def to_float(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Decoded images, (C, H, W) or (B, C, H, W), resized and cropped (skipped when they
+        already fit) and scaled to [0, 1]."""
+        channels = len(self.config.mean)
+        have = pixels.shape[-3]
+        if have == 1 and channels > 1:
+            pixels = pixels.expand(*pixels.shape[:-3], channels, -1, -1)
+        elif have != channels:
+            raise ValueError(f"the image has {have} channels but --mean/--std have {channels}")
+        size = self.config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            pixels = self.geometry(pixels)
+        return v2.functional.to_dtype(pixels, torch.float32, scale=True)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images from :meth:`to_float`, normalized by --mean and --std."""
+        return v2.functional.normalize(images, list(self.config.mean), list(self.config.std))
 
     def _samples(self, url: str, state: ShardReadState) -> Iterator[tuple[str, dict[str, bytes]]]:
         try:
@@ -180,7 +200,7 @@ class ShardReader:
             if extension in files:
                 data = files[extension]
                 pixels = _decode_array(data) if extension == "npy" else self._decode_pil(data)
-                return self.transform(pixels)
+                return self.to_float(pixels)
         raise _MissingImage(f"none of the image keys {list(self.config.image_keys)} is present; "
                             f"sample has {sorted(files)}")
 
@@ -213,10 +233,6 @@ def _decode_array(data: bytes) -> torch.Tensor:
         raise ValueError(f"npy image must be HxW, HxWxC or CxHxW, got shape {array.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor if tensor.dtype == torch.uint8 else tensor.to(torch.float32)
-
-
-def _make_batch(keys: list[str], images: list[torch.Tensor], labels: list[int]) -> Batch:
-    return Batch(list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
 def _text(error: BaseException) -> str:

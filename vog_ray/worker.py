@@ -6,7 +6,7 @@ import io
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +16,8 @@ import torch
 from vog_ray import storage
 from vog_ray.checkpoints import Checkpoint, build_models
 from vog_ray.config import ScoreConfig
-from vog_ray.gradients import BatchScores, GradientOptions, score_batch
+from vog_ray.device_decode import DeviceJpegReader, PendingBatch, decode_batch
+from vog_ray.gradients import BatchScores, Checkpoints, GradientOptions, score_batch
 from vog_ray.rows import raw_column, shard_table
 from vog_ray.samples import Batch, SampleError, ShardReader, ShardReadState, prefetched
 from vog_ray.stats import class_stats_of
@@ -80,15 +81,16 @@ class ShardScorer:
         num_classes: int,
     ) -> None:
         if config.threads_per_worker:
-            torch.set_num_threads(config.threads_per_worker)
+            set_threads(config.threads_per_worker)
         self.config = config
         self.windows = windows
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         models = build_models(checkpoints, config.model, config.num_classes)
-        self.models = [m.to(self.device) for m in models]
-        if config.compile:
-            self.models = [torch.compile(m) for m in self.models]
-        self.reader = ShardReader(config, num_classes)
+        self.models = Checkpoints([m.to(self.device) for m in models],
+                                  batching=config.checkpoint_batching, compile=config.compile)
+        self.reader = _reader(config, num_classes, self.device)
         self.options = GradientOptions(
             label=config.label, target=config.target,
             channels=config.channels, precision=config.precision,
@@ -100,19 +102,29 @@ class ShardScorer:
         keys: list[str] = []
         scores: list[BatchScores] = []
         labels_true: list[torch.Tensor] = []
-        for batch in prefetched(self.reader.batches(url, state), self.config.prefetch):
+        for batch in prefetched(self._batches(url, state), self.config.prefetch):
+            if isinstance(self.reader, DeviceJpegReader):
+                batch = decode_batch(batch, self.reader, self.device, state)
             self._fail_fast(state)
+            if not batch.keys:
+                continue
             scores.append(self._score(batch))
             keys.extend(batch.keys)
             labels_true.append(batch.labels)
         self._fail_fast(state)
+        scores = [s.cpu() for s in scores]
         return self._finish(url, shard_id, state, keys, scores, labels_true)
 
+    def _batches(self, url: str, state: ShardReadState) -> Iterator[Batch]:
+        """The reader's batches; on CUDA pinned here, in the prefetch thread."""
+        batches = self.reader.batches(url, state)
+        return _pinned(batches) if self.device.type == "cuda" else batches
+
     def _score(self, batch: Batch) -> BatchScores:
-        pinned = self.device.type == "cuda"
-        images = batch.images.pin_memory() if pinned else batch.images
-        images = images.to(self.device, non_blocking=pinned)
-        labels = batch.labels.to(self.device, non_blocking=pinned)
+        """One batch's scores, left on the device until the shard is done (no sync per batch)."""
+        cuda = self.device.type == "cuda"
+        images = batch.images.to(self.device, non_blocking=cuda)
+        labels = batch.labels.to(self.device, non_blocking=cuda)
         return score_batch(self.models, images, labels, self.windows, self.options)
 
     def _fail_fast(self, state: ShardReadState) -> None:
@@ -143,7 +155,7 @@ class ShardScorer:
             failed=len([e for e in state.errors if e.key is not None]),
             incomplete=state.incomplete, class_stats=_class_stats(table, self.windows),
             errors=[e.as_row() for e in state.errors],
-            duplicates=int(np.sum(table.column("duplicate_key").to_numpy())) if table.num_rows else 0,
+            duplicates=_duplicates(table),
             identity=self._identity(url),
         )
 
@@ -154,6 +166,31 @@ class ShardScorer:
             return {}
 
 
+def set_threads(threads: int) -> None:
+    """Torch's intra-op threads for this process, and one inter-op thread (eager mode uses none,
+    so more would only sit idle beside the prefetch thread)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        logger.debug("inter-op threads already started; left as they are")
+
+
+def _reader(config: ScoreConfig, num_classes: int, device: torch.device) -> ShardReader:
+    """On CUDA with ``--jpeg-decode auto`` JPEG files are decoded on the GPU, in batches."""
+    if device.type == "cuda" and config.jpeg_decode == "auto":
+        return DeviceJpegReader(config, num_classes)
+    return ShardReader(config, num_classes)
+
+
+def _pinned(batches: Iterator[Batch]) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, PendingBatch):
+            yield batch
+        else:
+            yield Batch(batch.keys, batch.images.pin_memory(), batch.labels.pin_memory())
+
+
 def _class_stats(table: pa.Table, windows) -> dict[str, dict[int, list[float]]]:
     if table.num_rows == 0:
         return {name: {} for name in windows}
@@ -161,7 +198,7 @@ def _class_stats(table: pa.Table, windows) -> dict[str, dict[int, list[float]]]:
     return {
         name: {
             label: stats.to_list()
-            for label, stats in class_stats_of(labels, table.column(raw_column(name)).to_numpy()).items()
+            for label, stats in class_stats_of(labels, _column(table, raw_column(name))).items()
         }
         for name in windows
     }
@@ -171,3 +208,11 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy()
+
+
+def _duplicates(table: pa.Table) -> int:
+    return int(np.sum(_column(table, "duplicate_key"))) if table.num_rows else 0
