@@ -19,7 +19,9 @@ from ray.cluster_utils import Cluster
 
 import vog_ray
 from tests.conftest import digits_config, start_local_ray
+import vog_ray.pool
 from vog_ray import demo
+from vog_ray.driver import JobFailed
 from vog_ray.plan import ResumeRefused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +152,19 @@ def _remove_a_node_after_first_commit(cluster: Cluster, node, output: Path, done
     done["removed"] = True
 
 
-def test_a_lost_node_costs_no_shard(digits, small_shards, reference, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="vog_ray.pool")
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_lost_node_costs_no_shard(digits, small_shards, reference, tmp_path):
+    # caplog captured none of these records once the Cluster was up: the test keeps its own.
+    records = _Records()
+    logging.getLogger("vog_ray.pool").addHandler(records)
     was_running = ray.is_initialized()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -172,13 +185,26 @@ def test_a_lost_node_costs_no_shard(digits, small_shards, reference, tmp_path, c
                                                 num_workers=2, threads_per_worker=1))
         remover.join(timeout=60)
     finally:
+        logging.getLogger("vog_ray.pool").removeHandler(records)
         ray.shutdown()
         cluster.shutdown()
         if was_running:
             start_local_ray()
     assert done.get("removed") and done["committed_before"] < SHARDS
-    assert "worker lost while scoring" in caplog.text
+    assert any(m.startswith("worker lost while scoring") for m in records.messages)
     assert summary["counts"]["scored"] == 300 and summary["shards_scored_now"] == SHARDS
     table = pq.read_table(output / "scores.parquet")
     assert sorted(table.column("key").to_pylist()) == digits["keys"]
     assert table.equals(pq.read_table(reference / "scores.parquet"))
+
+
+def test_actors_that_cannot_be_placed_fail_the_job_instead_of_hanging(
+        ray_local, digits, small_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(vog_ray.pool, "START_TIMEOUT_S", 3.0)
+    with pytest.raises(JobFailed, match=r"no scoring actor could start within 3 s, so 1 shards "
+                       r"wait unscored.*'num_gpus': 1"):
+        vog_ray.score(**digits_config(digits, tmp_path, data=small_shards[:1], device="cuda"))
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2, "the pool left actors holding CPUs"

@@ -68,7 +68,7 @@ def _counts(shards: list[dict[str, Any]], results) -> dict[str, int]:
         "shards": len(shards),
         "shards_incomplete": sum(s["incomplete"] for s in shards),
         "shards_unreadable": sum(
-            1 for r in results for e in r.errors if e["reason"] == "missing_shard"
+            1 for r in results if any(e["stage"] == "open" for e in r.errors)
         ),
         "read": sum(s["read"] for s in shards),
         "scored": sum(s["scored"] for s in shards),
