@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -247,5 +248,5 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _run_diff(args: argparse.Namespace) -> int:
-    print(json.dumps(diff_audits(args.old, args.new, args.output), indent=2))
+    sys.stdout.write(json.dumps(diff_audits(args.old, args.new, args.output), indent=2) + "\n")
     return 0

@@ -18,74 +18,49 @@ reason; ``classes.json`` holds the class names, index = class id.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import posixpath
-import re
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
-import fsspec
 import natsort
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
-from webdataset import TarWriter
+
+from .shard_sources import (
+    HIDDEN,
+    IMAGE_EXTENSIONS,
+    INVALID_LABEL,
+    KEY_COLLISION,
+    MISSING_LABEL,
+    NOT_AN_IMAGE,
+    OUTSIDE_CLASS_FOLDER,
+    TABLE_FORMATS,
+    UNKNOWN_EXTENSION,
+    UNREADABLE,
+    BadFile,
+    MakeShardsError,
+    SourceFile,
+    assign_keys,
+    file_extension,
+    list_source,
+    load_entries,
+    load_image_bytes,
+    sample_key,
+)
+from .shard_writer import SHARD_GLOB, SHARD_NAME, ShardSink, prepare_output, write_json
+
+__all__ = [
+    "BAD_FILES_FILE", "CLASSES_FILE", "DEFAULT_SHARD_SIZE_BYTES", "HIDDEN", "IMAGE_EXTENSIONS",
+    "INVALID_LABEL", "KEY_COLLISION", "MISSING_LABEL", "NOT_AN_IMAGE", "OUTSIDE_CLASS_FOLDER",
+    "SHARD_GLOB", "SHARD_NAME", "TABLE_FORMATS", "UNKNOWN_EXTENSION", "UNREADABLE", "BadFile",
+    "MakeShardsError", "ShardSink", "ShardSummary", "SourceFile", "assign_keys", "file_extension",
+    "list_source", "load_image_bytes", "make_shards", "register", "run_make_shards", "sample_key",
+]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "ppm")
-TABLE_FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-SHARD_NAME = "shard-{:06d}.tar"
-SHARD_GLOB = "shard-*.tar"
 CLASSES_FILE = "classes.json"
 BAD_FILES_FILE = "bad_files.json"
 DEFAULT_SHARD_SIZE_BYTES = 300 * 2**20
-
-# Fixed tar metadata: together with the sorted file order it makes the shards reproducible.
-_TAR_USER = "vog_ray"
-_TAR_MODE = 0o444
-_TAR_MTIME = 0.0
-_TAR_BLOCK = tarfile.BLOCKSIZE
-_TAR_RECORD = tarfile.RECORDSIZE
-_KEY_UNSAFE = re.compile(r"[.\\\x00-\x1f]")
-_CHUNK_PER_WORKER = 16
-
-# Reasons recorded in bad_files.json.
-UNKNOWN_EXTENSION = "unknown_extension"
-UNREADABLE = "unreadable"
-NOT_AN_IMAGE = "not_an_image"
-OUTSIDE_CLASS_FOLDER = "outside_class_folder"
-HIDDEN = "hidden"
-MISSING_LABEL = "missing_label"
-INVALID_LABEL = "invalid_label"
-KEY_COLLISION = "key_collision"
-
-
-class MakeShardsError(ValueError):
-    """The source or the output location cannot be used as given."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One image to store: where to read it, the path its key comes from, its class id."""
-
-    url: str
-    relpath: str
-    label: int
-
-
-@dataclass(frozen=True)
-class BadFile:
-    """A file that was not stored, with a reason from the constants above."""
-
-    path: str
-    reason: str
-    message: str
 
 
 @dataclass
@@ -101,332 +76,6 @@ class ShardSummary:
     classes_url: str
     bad_files_url: str
     bad_reasons: dict[str, int] = field(default_factory=dict)
-
-
-def sample_key(relpath: str) -> str:
-    """The WebDataset key of a source path: no extension, dots replaced by ``_``."""
-    stem = posixpath.splitext(relpath.replace("\\", "/"))[0]
-    segments = [part for part in stem.split("/") if part not in ("", ".")]
-    return "/".join(_KEY_UNSAFE.sub("_", part) for part in segments)
-
-
-def file_extension(relpath: str) -> str:
-    """The lower-cased extension without its dot (``""`` when there is none)."""
-    return posixpath.splitext(relpath)[1].lstrip(".").lower()
-
-
-# ---------------------------------------------------------------------------------------------
-# Listing the source
-
-
-def list_source(
-    src: str, storage_options: dict[str, Any] | None = None
-) -> tuple[list[SourceFile], list[str], list[BadFile]]:
-    """Files to store, class names (index = class id) and files rejected while listing."""
-    fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
-    table_format = TABLE_FORMATS.get(posixpath.splitext(path)[1].lower())
-    if table_format and fs.isfile(path):
-        return _list_table(fs, path, table_format)
-    if fs.isdir(path):
-        return _list_folder(fs, path.rstrip("/"))
-    raise MakeShardsError(
-        f"{src}: expected a folder with one sub-folder per class, or a .csv/.parquet file with "
-        "columns path,label; found neither. Check the path."
-    )
-
-
-def _list_folder(fs: Any, root: str) -> tuple[list[SourceFile], list[str], list[BadFile]]:
-    entries = fs.ls(root, detail=True)
-    classes = sorted(
-        posixpath.basename(entry["name"].rstrip("/"))
-        for entry in entries
-        if entry["type"] == "directory"
-        and not posixpath.basename(entry["name"].rstrip("/")).startswith(".")
-    )
-    if not classes:
-        raise MakeShardsError(
-            f"{fs.unstrip_protocol(root)}: no class sub-folders found; put the images of each "
-            "class in their own sub-folder (SRC/<class>/<image>)."
-        )
-    class_ids = {name: index for index, name in enumerate(classes)}
-    files, bad = [], []
-    for path in fs.find(root):
-        relpath = path[len(root):].lstrip("/")
-        parts = relpath.split("/")
-        if any(part.startswith(".") for part in parts):
-            bad.append(BadFile(relpath, HIDDEN, "hidden file or folder"))
-        elif len(parts) < 2:
-            bad.append(BadFile(relpath, OUTSIDE_CLASS_FOLDER, "not inside a class sub-folder"))
-        else:
-            files.append(SourceFile(fs.unstrip_protocol(path), relpath, class_ids[parts[0]]))
-    return files, classes, bad
-
-
-def _read_table(fs: Any, path: str, table_format: str) -> pa.Table:
-    with fs.open(path, "rb") as handle:
-        if table_format == "csv":
-            options = pa_csv.ConvertOptions(column_types={"path": pa.string()})
-            table = pa_csv.read_csv(handle, convert_options=options)
-        else:
-            table = pq.read_table(handle)
-    missing = {"path", "label"} - set(table.column_names)
-    if missing:
-        raise MakeShardsError(
-            f"{fs.unstrip_protocol(path)}: missing column(s) {sorted(missing)}; the table needs "
-            f"columns path,label, got {table.column_names}."
-        )
-    return table.select(["path", "label"])
-
-
-def _list_table(
-    fs: Any, path: str, table_format: str
-) -> tuple[list[SourceFile], list[str], list[BadFile]]:
-    table = _read_table(fs, path, table_format)
-    label_type = table.schema.field("label").type
-    if not (pa.types.is_integer(label_type) or _is_text(label_type)):
-        raise MakeShardsError(
-            f"{fs.unstrip_protocol(path)}: column label must hold class names or integer class "
-            f"ids, got {label_type}."
-        )
-    rows = table.to_pylist()
-    base = posixpath.dirname(path)
-    if pa.types.is_integer(label_type):
-        return _table_files_with_ids(fs, base, rows)
-    return _table_files_with_names(fs, base, rows)
-
-
-def _is_text(data_type: pa.DataType) -> bool:
-    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
-
-
-def _table_url(fs: Any, base: str, written: str) -> str:
-    if "://" in written:
-        return written
-    if written.startswith("/"):
-        return fs.unstrip_protocol(written)
-    return fs.unstrip_protocol(posixpath.join(base, written))
-
-
-def _table_relpath(written: str) -> str:
-    return written.split("://", 1)[-1].lstrip("/")
-
-
-def _table_files_with_ids(
-    fs: Any, base: str, rows: list[dict[str, Any]]
-) -> tuple[list[SourceFile], list[str], list[BadFile]]:
-    files, bad = [], []
-    for row in rows:
-        written, label = row["path"] or "", row["label"]
-        if label is None:
-            bad.append(BadFile(written, MISSING_LABEL, "the label cell is empty"))
-        elif label < 0:
-            bad.append(BadFile(written, INVALID_LABEL, f"class id {label} is negative"))
-        else:
-            files.append(SourceFile(_table_url(fs, base, written), _table_relpath(written), label))
-    top = max((item.label for item in files), default=-1)
-    return files, [str(index) for index in range(top + 1)], bad
-
-
-def _table_files_with_names(
-    fs: Any, base: str, rows: list[dict[str, Any]]
-) -> tuple[list[SourceFile], list[str], list[BadFile]]:
-    classes = sorted({row["label"] for row in rows if row["label"]})
-    class_ids = {name: index for index, name in enumerate(classes)}
-    files, bad = [], []
-    for row in rows:
-        written, label = row["path"] or "", row["label"]
-        if not label:
-            bad.append(BadFile(written, MISSING_LABEL, "the label cell is empty"))
-        else:
-            url = _table_url(fs, base, written)
-            files.append(SourceFile(url, _table_relpath(written), class_ids[label]))
-    return files, classes, bad
-
-
-def assign_keys(
-    files: Iterable[SourceFile],
-) -> tuple[list[tuple[str, str, SourceFile]], list[BadFile]]:
-    """Natural order, keys and extensions; rejects unknown extensions and colliding keys."""
-    kept: list[tuple[str, str, SourceFile]] = []
-    bad: list[BadFile] = []
-    owners: dict[str, str] = {}
-    for item in natsort.natsorted(files, key=lambda source: source.relpath):
-        extension = file_extension(item.relpath)
-        key = sample_key(item.relpath)
-        if extension not in IMAGE_EXTENSIONS:
-            expected = "/".join(IMAGE_EXTENSIONS)
-            message = f"extension {extension!r} is not one of {expected}"
-            bad.append(BadFile(item.relpath, UNKNOWN_EXTENSION, message))
-        elif not key:
-            bad.append(BadFile(item.relpath, KEY_COLLISION, "the path gives an empty key"))
-        elif key in owners:
-            message = f"gives the same key {key!r} as {owners[key]}; rename one of them"
-            bad.append(BadFile(item.relpath, KEY_COLLISION, message))
-        else:
-            owners[key] = item.relpath
-            kept.append((key, extension, item))
-    return kept, bad
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and checking images
-
-
-def load_image_bytes(
-    url: str, storage_options: dict[str, Any] | None = None
-) -> tuple[bytes | None, str, str]:
-    """The file's bytes if it is an image PIL can decode, else ``None`` with a reason."""
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as handle:
-            data = handle.read()
-    except OSError as error:
-        return None, UNREADABLE, f"{type(error).__name__}: {error}"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except UnidentifiedImageError:
-        return None, NOT_AN_IMAGE, "PIL recognises no image format in this file"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return None, NOT_AN_IMAGE, f"{type(error).__name__}: {error}"
-    return data, "", ""
-
-
-def _loaded(
-    entries: Sequence[tuple[str, str, SourceFile]],
-    workers: int,
-    storage_options: dict[str, Any] | None,
-) -> Iterator[tuple[tuple[str, str, SourceFile], tuple[bytes | None, str, str]]]:
-    """Entries with their loaded bytes, in input order, reading ``workers`` files at a time."""
-
-    def load(entry: tuple[str, str, SourceFile]) -> tuple[bytes | None, str, str]:
-        return load_image_bytes(entry[2].url, storage_options)
-
-    chunk_size = max(1, workers * _CHUNK_PER_WORKER)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(entries), chunk_size):
-            chunk = entries[start:start + chunk_size]
-            yield from zip(chunk, pool.map(load, chunk))
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing shards
-
-
-def _padded(size: int) -> int:
-    return -(-size // _TAR_BLOCK) * _TAR_BLOCK
-
-
-def _member_bytes(name: str, size: int) -> int:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, _TAR_MODE, int(_TAR_MTIME)
-    info.uname = info.gname = _TAR_USER
-    header = info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
-    return len(header) + _padded(size)
-
-
-def _archive_bytes(members: int) -> int:
-    """Size on disk of a stream-written tar whose members take ``members`` bytes."""
-    return -(-(members + 2 * _TAR_BLOCK) // _TAR_RECORD) * _TAR_RECORD
-
-
-class ShardSink:
-    """Writes samples into ``shard-NNNNNN.tar`` files, starting a new one at the limits."""
-
-    def __init__(
-        self,
-        out: str,
-        *,
-        shard_size_bytes: int,
-        max_samples_per_shard: int | None,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(out, **(storage_options or {}))
-        self.out = out.rstrip("/")
-        self.shard_size_bytes = shard_size_bytes
-        self.max_samples = max_samples_per_shard
-        self.shards: list[str] = []
-        self.bytes_written = 0
-        self._handle: Any = None
-        self._writer: TarWriter | None = None
-        self._path = ""
-        self._count = 0
-
-    def write(self, key: str, extension: str, data: bytes, label: int) -> None:
-        """Add one sample, opening the next shard first when this one would overflow."""
-        label_bytes = str(label).encode("ascii")
-        size = _member_bytes(f"{key}.cls", len(label_bytes))
-        size += _member_bytes(f"{key}.{extension}", len(data))
-        if self._writer is None or self._full(size):
-            self._next_shard(size)
-        self._writer.write({"__key__": key, "cls": label_bytes, extension: data})
-        self._count += 1
-
-    def _full(self, size: int) -> bool:
-        if self.max_samples is not None and self._count >= self.max_samples:
-            return True
-        return _archive_bytes(self._writer.tarstream.offset + size) > self.shard_size_bytes
-
-    def _next_shard(self, size: int) -> None:
-        self.close()
-        name = SHARD_NAME.format(len(self.shards))
-        if _archive_bytes(size) > self.shard_size_bytes:
-            logger.warning("one sample alone exceeds the shard size; %s will be larger", name)
-        self._path = posixpath.join(self.root, name)
-        self._handle = self.fs.open(self._path, "wb")
-        self._writer = TarWriter(
-            self._handle, user=_TAR_USER, group=_TAR_USER, mode=_TAR_MODE, compress=False,
-            encoder=False, mtime=_TAR_MTIME,
-        )
-        self.shards.append(f"{self.out}/{name}")
-        self._count = 0
-
-    def close(self) -> None:
-        """Finish the open shard, if any."""
-        if self._writer is None:
-            return
-        self.bytes_written += _archive_bytes(self._writer.tarstream.offset)
-        self._writer.close()
-        self._handle.close()
-        logger.debug("wrote %s (%d samples)", self.shards[-1], self._count)
-        self._writer = self._handle = None
-
-    def abort(self) -> None:
-        """Close and remove the shard being written after a failure."""
-        if self._writer is None:
-            return
-        self.shards.pop()
-        try:
-            self._writer.close()
-            self._handle.close()
-        finally:
-            self._writer = self._handle = None
-            if self.fs.exists(self._path):
-                self.fs.rm(self._path)
-
-
-def _prepare_output(out: str, overwrite: bool, storage_options: dict[str, Any] | None) -> None:
-    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    if fs.exists(root) and not fs.isdir(root):
-        raise MakeShardsError(f"{out}: exists and is not a folder; choose a folder for OUT.")
-    fs.makedirs(root, exist_ok=True)
-    old = fs.glob(posixpath.join(root, SHARD_GLOB))
-    if old and not overwrite:
-        raise MakeShardsError(
-            f"{out}: already holds {len(old)} shard(s) ({posixpath.basename(old[0])}, ...); "
-            "pass overwrite=True (--overwrite) to replace them, or choose another folder."
-        )
-    for path in old:
-        fs.rm(path)
-
-
-def _write_json(
-    out: str, name: str, payload: Any, storage_options: dict[str, Any] | None
-) -> str:
-    url = f"{out.rstrip('/')}/{name}"
-    with fsspec.open(url, "w", encoding="utf-8", **(storage_options or {})) as handle:
-        json.dump(payload, handle, indent=1, ensure_ascii=False)
-        handle.write("\n")
-    return url
 
 
 def _check_limits(shard_size_bytes: int, max_samples_per_shard: int | None, workers: int) -> None:
@@ -464,13 +113,13 @@ def make_shards(
     files, classes, bad = list_source(src, storage_options)
     entries, key_bad = assign_keys(files)
     bad.extend(key_bad)
-    _prepare_output(out, overwrite, storage_options)
+    prepare_output(out, overwrite, storage_options)
     sink = ShardSink(
         out, shard_size_bytes=shard_size_bytes, max_samples_per_shard=max_samples_per_shard,
         storage_options=storage_options,
     )
     counts = [0] * len(classes)
-    loaded = _loaded(entries, workers, storage_options)
+    loaded = load_entries(entries, workers, storage_options)
     try:
         for (key, extension, item), (data, reason, message) in loaded:
             if data is None:
@@ -493,8 +142,8 @@ def _finish(
     reasons: dict[str, int] = {}
     for entry in bad:
         reasons[entry.reason] = reasons.get(entry.reason, 0) + 1
-    classes_url = _write_json(out, CLASSES_FILE, classes, storage_options)
-    bad_url = _write_json(out, BAD_FILES_FILE, [asdict(entry) for entry in bad], storage_options)
+    classes_url = write_json(out, CLASSES_FILE, classes, storage_options)
+    bad_url = write_json(out, BAD_FILES_FILE, [asdict(entry) for entry in bad], storage_options)
     for name, count in zip(classes, counts):
         if count == 0:
             logger.warning("class %r has no stored image", name)

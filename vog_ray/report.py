@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import sys
 import tarfile
 from dataclasses import dataclass
 from typing import Any
@@ -393,5 +394,5 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run_report(args: argparse.Namespace) -> int:
     url = write_report(args.output, per_class=args.per_class, baseline=args.baseline,
                        review_size=args.review_size)
-    print(url)
+    sys.stdout.write(url + "\n")
     return 0
