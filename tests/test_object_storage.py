@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import vog_ray
 from tests.conftest import digits_config
 from vog_ray import storage
+from vog_ray.diff import diff_audits
 
 ENV_SECRET = "env-secret-0f9e8d7c6b5a"
 
@@ -40,7 +42,7 @@ def test_an_audit_on_s3_equals_the_local_one_and_leaks_no_credential(
     vog_ray.score(**digits_config(digits, tmp_path / "local"))
     summary = vog_ray.score(**digits_config(
         digits, output, data=[*shards, missing], checkpoints=[f"s3://{root}/ckpt/epoch_*.pt"],
-        storage_options=options, max_error_rate=1.0,
+        storage_options=options, max_error_rate=1.0, report=True,
     ))
 
     local = pq.read_table(tmp_path / "local" / "scores.parquet")
@@ -57,6 +59,12 @@ def test_an_audit_on_s3_equals_the_local_one_and_leaks_no_credential(
     assert [(e["shard"], e["stage"], e["reason"]) for e in errors] == [
         (missing, "open", "missing_shard")]
     assert summary["files"]["scores"] == f"{output}/scores.parquet"
+    _assert_report_on_s3(fs, f"{root}/out/report", summary)
+    compared = diff_audits(str(tmp_path / "local"), output, f"{output}/diff",
+                           storage_options=options)
+    assert compared["counts"]["common"] == 300 and compared["spearman_pairs"] == 300
+    assert compared["spearman"] == pytest.approx(1.0)
+    assert fs.exists(f"{root}/out/diff/diff_summary.json")
 
     secrets = [options["key"], options["secret"], ENV_SECRET]
     for path in fs.find(f"{root}/out"):
@@ -64,6 +72,16 @@ def test_an_audit_on_s3_equals_the_local_one_and_leaks_no_credential(
         assert not [s for s in secrets if s.encode() in content], path
     assert not [s for s in secrets if s in caplog.text]
     assert not [s for s in secrets if s in json.dumps(summary)]
+
+
+def _assert_report_on_s3(fs, report: str, summary: dict) -> None:
+    """index.html and review_queue.csv are in the bucket, and every <img> file the page shows."""
+    assert summary["files"]["report"] == f"s3://{report}/index.html"
+    assert fs.exists(f"{report}/review_queue.csv")
+    html = fs.cat_file(f"{report}/index.html").decode()
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert sources, "the report on S3 shows no example image"
+    assert all(fs.exists(f"{report}/{source}") for source in sources)
 
 
 def test_scrub_hides_every_string_of_the_storage_options():

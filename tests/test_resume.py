@@ -143,13 +143,29 @@ def test_overwrite_replaces_a_changed_job(ray_local, digits, small_shards, refer
     assert len(list((output / "parts").iterdir())) == 1
 
 
-def _remove_a_node_after_first_commit(cluster: Cluster, node, output: Path, done: dict) -> None:
+def _remove_a_node_after_first_commit(cluster: Cluster, nodes: list, output: Path,
+                                      done: dict) -> None:
+    """Lose a node with a working actor on it as soon as the first shard is committed.
+
+    Both the node's raylet and the actor's process are killed at once, as when a machine goes
+    away: a raylet killed alone can leave its worker running long enough to finish its shards.
+    """
     deadline = time.monotonic() + 240
     while not list((output / "commits").glob("*.json")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    live = _live_actor_pids()
+    node = next((n for n in nodes if n.node_id in live), nodes[0])
     done["committed_before"] = len(list((output / "commits").glob("*.json")))
+    if node.node_id in live:
+        os.kill(live[node.node_id], signal.SIGKILL)
     cluster.remove_node(node, allow_graceful=False)
     done["removed"] = True
+
+
+def _live_actor_pids() -> dict[str, int]:
+    """Node id -> process id of each live actor."""
+    actors = ray._private.state.actors().values()
+    return {a["Address"]["NodeID"]: a["Pid"] for a in actors if a["State"] == "ALIVE"}
 
 
 class _Records(logging.Handler):
@@ -179,7 +195,7 @@ def test_a_lost_node_costs_no_shard(digits, small_shards, reference, tmp_path):
         output = tmp_path / "out"
         done: dict = {}
         remover = threading.Thread(target=_remove_a_node_after_first_commit,
-                                   args=(cluster, workers[0], output, done), daemon=True)
+                                   args=(cluster, workers, output, done), daemon=True)
         remover.start()
         summary = vog_ray.score(**digits_config(digits, output, data=small_shards, batch_size=5,
                                                 num_workers=2, threads_per_worker=1))

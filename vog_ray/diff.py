@@ -203,13 +203,16 @@ def summarize(table: pa.Table, on: str, old: Audit, new: Audit) -> dict[str, Any
     }
 
 
-def diff_audits(old_url: str, new_url: str, out_url: str | None = None) -> dict[str, Any]:
+def diff_audits(old_url: str, new_url: str, out_url: str | None = None, *,
+                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compare the audit at ``old_url`` with the one at ``new_url``; return the summary.
 
     With ``out_url``, ``diff.parquet`` (one row per matched example) and ``diff_summary.json``
-    are written there.
+    are written there. ``storage_options`` (fsspec's, e.g. an S3 endpoint and keys) serve every
+    read and write.
     """
-    old, new = load_audit(old_url, DIFF_COLUMNS), load_audit(new_url, DIFF_COLUMNS)
+    old = load_audit(old_url, DIFF_COLUMNS, storage_options)
+    new = load_audit(new_url, DIFF_COLUMNS, storage_options)
     for audit in (old, new):
         if "shard" not in audit.scores.column_names:
             raise ValueError(f"{audit.url}/scores.parquet has no 'shard' column; rerun that audit")
@@ -217,18 +220,25 @@ def diff_audits(old_url: str, new_url: str, out_url: str | None = None) -> dict[
     table = diff_table(old.scores, new.scores, old_rows, new_rows)
     result = summarize(table, on, old, new)
     if out_url is not None:
-        result["outputs"] = {"diff": "diff.parquet", "summary": "diff_summary.json"}
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        storage.write_bytes(storage.join(out_url, "diff.parquet"), buffer.getvalue())
-        storage.write_bytes(storage.join(out_url, "diff_summary.json"),
-                            json.dumps(result, indent=2).encode())
+        result["outputs"] = write_diff(out_url, table, result, storage_options)
         logger.info("diff of %s and %s written to %s", old_url, new_url, out_url)
     return result
 
 
+def write_diff(out_url: str, table: pa.Table, result: dict[str, Any],
+               storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write ``diff.parquet`` and ``diff_summary.json`` under ``out_url``; return their names."""
+    outputs = {"diff": "diff.parquet", "summary": "diff_summary.json"}
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    storage.write_bytes(storage.join(out_url, outputs["diff"]), buffer.getvalue(), storage_options)
+    summary = json.dumps({**result, "outputs": outputs}, indent=2).encode()
+    storage.write_bytes(storage.join(out_url, outputs["summary"]), summary, storage_options)
+    return outputs
+
+
 def register_diff(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``diff OLD NEW [--output DIR]`` to the command line."""
+    """Add ``diff OLD NEW [--output DIR] [--storage-options JSON]`` to the command line."""
     parser = subparsers.add_parser(
         "diff", help="compare two audits of the same data",
         description="Print what was added or removed between two audits and how the VoG "
@@ -238,6 +248,9 @@ def register_diff(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     parser.add_argument("new", metavar="NEW", help="the later audit's output folder or URL")
     parser.add_argument("--output", metavar="DIR", default=None,
                         help="folder or URL to write diff.parquet and diff_summary.json to")
+    parser.add_argument("--storage-options", default="{}", metavar="JSON",
+                        help="JSON of fsspec storage options (e.g. an S3 endpoint); never "
+                             "written to outputs")
     parser.set_defaults(func=_run_diff)
     return parser
 
@@ -248,5 +261,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _run_diff(args: argparse.Namespace) -> int:
-    sys.stdout.write(json.dumps(diff_audits(args.old, args.new, args.output), indent=2) + "\n")
+    result = diff_audits(args.old, args.new, args.output,
+                         storage_options=json.loads(args.storage_options))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0

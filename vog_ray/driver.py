@@ -60,7 +60,8 @@ def score(config: ScoreConfig | None = None, **options: Any) -> dict[str, Any]:
     if config.report:
         from vog_ray.report import write_report
 
-        summary["files"]["report"] = write_report(config.output)
+        summary["files"]["report"] = write_report(config.output,
+                                                  storage_options=config.storage_options)
     return summary
 
 

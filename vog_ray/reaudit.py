@@ -174,7 +174,8 @@ def copy_shard_results(source: str, target: str, entries: list[dict], storage_op
             storage.write_bytes(storage.join(target, name), data, storage_options)
 
 
-def _diff(previous_url: str | None, url: str) -> dict[str, Any] | None:
+def _diff(previous_url: str | None, url: str,
+          storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Compare with the previous audit into ``url/diff`` when the diff module is installed."""
     if previous_url is None:
         return None
@@ -183,7 +184,8 @@ def _diff(previous_url: str | None, url: str) -> dict[str, Any] | None:
     except ImportError:
         logger.info("vog_ray.diff is not available: no diff against %s written", previous_url)
         return None
-    result = diff_audits(previous_url, url, storage.join(url, DIFF))
+    result = diff_audits(previous_url, url, storage.join(url, DIFF),
+                         storage_options=storage_options)
     return {"output": storage.join(url, DIFF), "counts": result.get("counts")}
 
 
@@ -211,7 +213,7 @@ def reaudit(data: str | list[str], checkpoints: str | list[str], output_root: st
     write_latest(output_root, name, read_manifest(config.output, options), options)
     previous_url = previous[0] if previous else None
     summary.update(audit=name, previous=previous_url, shards_reused=len(reused),
-                   diff=_diff(previous_url, config.output))
+                   diff=_diff(previous_url, config.output, options))
     return summary
 
 

@@ -48,14 +48,17 @@ class Audit:
     errors: pa.Table | None
 
 
-def read_json(url: str) -> dict[str, Any]:
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON file through fsspec."""
-    return json.loads(storage.read_bytes(url))
+    return json.loads(storage.read_bytes(url, storage_options))
 
 
-def read_table(url: str, columns: tuple[str, ...] | None = None) -> pa.Table | None:
+def read_table(
+    url: str, columns: tuple[str, ...] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table | None:
     """A parquet file's ``columns`` that exist (all when None); None when the file is missing."""
-    fs, path = storage.filesystem(url)
+    fs, path = storage.filesystem(url, storage_options)
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:
@@ -65,18 +68,21 @@ def read_table(url: str, columns: tuple[str, ...] | None = None) -> pa.Table | N
         return parquet.read(columns=wanted)
 
 
-def load_audit(url: str, columns: tuple[str, ...] = SCORE_COLUMNS) -> Audit:
+def load_audit(
+    url: str, columns: tuple[str, ...] = SCORE_COLUMNS,
+    storage_options: dict[str, Any] | None = None,
+) -> Audit:
     """Read ``manifest.json`` and the tables of the audit at ``url``."""
     manifest_url = storage.join(url, "manifest.json")
-    if not storage.exists(manifest_url):
+    if not storage.exists(manifest_url, storage_options):
         raise FileNotFoundError(
             f"{manifest_url} is missing: the audit at {url} is not complete (the manifest is "
             "written last) or this is not an audit folder; finish it with `vog-ray score`"
         )
-    manifest = read_json(manifest_url)
+    manifest = read_json(manifest_url, storage_options)
     outputs = manifest.get("outputs") or {}
     scores_url = storage.join(url, outputs.get("scores", "scores.parquet"))
-    scores = read_table(scores_url, columns)
+    scores = read_table(scores_url, columns, storage_options)
     if scores is None or "key" not in scores.column_names:
         raise FileNotFoundError(
             f"{scores_url} is missing or has no 'key' column; rerun the audit into {url}"
@@ -86,9 +92,11 @@ def load_audit(url: str, columns: tuple[str, ...] = SCORE_COLUMNS) -> Audit:
         manifest=manifest,
         scores=scores,
         class_stats=read_table(
-            storage.join(url, outputs.get("class_stats", "class_stats.parquet"))
+            storage.join(url, outputs.get("class_stats", "class_stats.parquet")),
+            storage_options=storage_options,
         ),
-        errors=read_table(storage.join(url, outputs.get("errors", "errors.parquet"))),
+        errors=read_table(storage.join(url, outputs.get("errors", "errors.parquet")),
+                          storage_options=storage_options),
     )
 
 
@@ -96,7 +104,8 @@ def load_audit(url: str, columns: tuple[str, ...] = SCORE_COLUMNS) -> Audit:
 
 
 def fetch_images(
-    wanted: dict[str, set[str]], extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    wanted: dict[str, set[str]], extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[tuple[str, str], Image.Image]:
     """Thumbnails of the wanted keys of each shard, keyed by ``(shard, key)``.
 
@@ -106,7 +115,7 @@ def fetch_images(
     """
     images: dict[tuple[str, str], Image.Image] = {}
     for shard, keys in sorted(wanted.items()):
-        found = _shard_images(shard, keys, extensions)
+        found = _shard_images(shard, keys, extensions, storage_options)
         images.update({(shard, key): image for key, image in found.items()})
         if len(found) < len(keys):
             missing = sorted(keys - set(found))
@@ -116,7 +125,8 @@ def fetch_images(
 
 
 def _shard_images(
-    url: str, keys: set[str], extensions: tuple[str, ...]
+    url: str, keys: set[str], extensions: tuple[str, ...],
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Image.Image]:
     files: dict[str, dict[str, bytes]] = {}
 
@@ -125,21 +135,22 @@ def _shard_images(
         return key in keys and extension is not None and extension.lower() in extensions
 
     try:
-        fs, path = storage.filesystem(url)
+        fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as handle:
             for item in tar_file_iterator(handle, select_files=selected):
                 key, extension = base_plus_ext(item["fname"])
                 files.setdefault(key, {}).setdefault(extension.lower(), item["data"])
     except (OSError, EOFError, tarfile.TarError, ValueError) as error:
         logger.warning("cannot read images back from shard %s (%s); check that it is still "
-                       "there and readable", url, error)
+                       "there and readable", url, storage.scrub(str(error), storage_options))
     images = {}
     for key, by_extension in files.items():
         extension = next(e for e in extensions if e in by_extension)
         try:
             images[key] = thumbnail(decode_image(by_extension[extension], extension))
         except (OSError, ValueError) as error:
-            logger.warning("cannot decode image %s.%s in shard %s: %s", key, extension, url, error)
+            logger.warning("cannot decode image %s.%s in shard %s: %s", key, extension, url,
+                           storage.scrub(str(error), storage_options))
     return images
 
 
@@ -199,7 +210,7 @@ def example_rows(scores: pa.Table, indices: np.ndarray) -> list[dict[str, Any]]:
 
 def _class_section(
     report_url: str, label: int, rows: tuple[list[dict], list[dict]], images: dict,
-    names: list | None,
+    names: list | None, storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     low, high = rows
     for side, examples in (("low", low), ("high", high)):
@@ -209,11 +220,11 @@ def _class_section(
             if image is not None:
                 example["img"] = f"img/c{label}-{side}-{position}.png"
                 storage.write_bytes(storage.join(report_url, example["img"]),
-                                    png_bytes(image))
+                                    png_bytes(image), storage_options)
     grid = grid_image([images.get((e["shard"], e["key"])) for e in low],
                       [images.get((e["shard"], e["key"])) for e in high])
     grid_path = f"img/c{label}-grid.png"
-    storage.write_bytes(storage.join(report_url, grid_path), png_bytes(grid))
+    storage.write_bytes(storage.join(report_url, grid_path), png_bytes(grid), storage_options)
     return {"label": label, "name": class_name(label, names), "low": low, "high": high,
             "grid": grid_path}
 
@@ -224,7 +235,10 @@ def class_name(label: int, names: list | None) -> str | None:
     return None if name is None or str(name) == str(label) else str(name)
 
 
-def write_class_sections(report_url: str, audit: Audit, per_class: int) -> list[dict[str, Any]]:
+def write_class_sections(
+    report_url: str, audit: Audit, per_class: int,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Read the extreme examples' images back from their shards and write their PNG files."""
     extremes = class_extremes(audit.scores, per_class)
     rows = {label: (example_rows(audit.scores, low), example_rows(audit.scores, high))
@@ -233,9 +247,10 @@ def write_class_sections(report_url: str, audit: Audit, per_class: int) -> list[
     for low, high in rows.values():
         for example in low + high:
             wanted.setdefault(example["shard"], set()).add(example["key"])
-    images = fetch_images(wanted, image_extensions(audit.manifest))
+    images = fetch_images(wanted, image_extensions(audit.manifest), storage_options)
     names = audit.manifest.get("class_names")
-    return [_class_section(report_url, label, rows[label], images, names) for label in rows]
+    return [_class_section(report_url, label, rows[label], images, names, storage_options)
+            for label in rows]
 
 
 def image_extensions(manifest: dict[str, Any]) -> tuple[str, ...]:
@@ -250,7 +265,10 @@ def image_extensions(manifest: dict[str, Any]) -> tuple[str, ...]:
 # Review queue, summary and page.
 
 
-def write_review_queue(report_url: str, scores: pa.Table, size: int) -> list[dict[str, Any]]:
+def write_review_queue(
+    report_url: str, scores: pa.Table, size: int,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """The ``size`` highest-``vog`` examples across classes, as ``review_queue.csv``."""
     vog = floats(scores, "vog")
     rows = np.flatnonzero(~np.isnan(vog))
@@ -263,7 +281,8 @@ def write_review_queue(report_url: str, scores: pa.Table, size: int) -> list[dic
     for rank, example in enumerate(queue, start=1):
         example["rank"] = rank
         writer.writerow(example)
-    storage.write_bytes(storage.join(report_url, "review_queue.csv"), buffer.getvalue().encode())
+    storage.write_bytes(storage.join(report_url, "review_queue.csv"), buffer.getvalue().encode(),
+                        storage_options)
     return queue
 
 
@@ -333,43 +352,48 @@ def render(context: dict[str, Any]) -> str:
 
 
 def write_report(output_url: str, *, per_class: int = 8, baseline: str | None = None,
-                 review_size: int = 200) -> str:
+                 review_size: int = 200, storage_options: dict[str, Any] | None = None) -> str:
     """Write ``OUTPUT/report/`` for the audit at ``output_url``; return the index.html URL.
 
     ``per_class`` lowest and highest examples are shown per class, ``review_size`` rows go to
     the review queue, and ``baseline`` (an older audit's folder) adds a comparison section.
+    ``storage_options`` (fsspec's, e.g. an S3 endpoint and keys) serve every read and write:
+    the audit, its shards, the baseline and the report itself.
     """
     if per_class < 1 or review_size < 1:
         raise ValueError(f"per_class and review_size must be at least 1; got {per_class} and "
                          f"{review_size}")
-    audit = load_audit(output_url)
+    audit = load_audit(output_url, storage_options=storage_options)
     report_url = storage.join(output_url, "report")
-    storage.remove(report_url)
+    storage.remove(report_url, storage_options)
     context = {
         "title": audit.manifest.get("model") or output_url,
         "summary": summary(audit),
-        "classes": write_class_sections(report_url, audit, per_class),
+        "classes": write_class_sections(report_url, audit, per_class, storage_options),
         "per_class": per_class,
-        "figures": report_figures.write_figures(report_url, audit.scores),
-        "queue": write_review_queue(report_url, audit.scores, review_size)[:25],
+        "figures": report_figures.write_figures(report_url, audit.scores, storage_options),
+        "queue": write_review_queue(report_url, audit.scores, review_size, storage_options)[:25],
         "queue_size": review_size,
-        "diff": _diff_section(baseline, output_url, report_url) if baseline else None,
+        "diff": (_diff_section(baseline, output_url, report_url, storage_options)
+                 if baseline else None),
         "baseline": baseline,
     }
     index_url = storage.join(report_url, "index.html")
-    storage.write_bytes(index_url, render(context).encode("utf-8"))
+    storage.write_bytes(index_url, render(context).encode("utf-8"), storage_options)
     logger.info("report of %s written to %s", output_url, index_url)
     return index_url
 
 
-def _diff_section(baseline: str, output_url: str, report_url: str) -> dict[str, Any]:
+def _diff_section(baseline: str, output_url: str, report_url: str,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     from vog_ray.diff import diff_audits  # the diff module reads audits through this one
 
-    return diff_audits(baseline, output_url, storage.join(report_url, "diff"))
+    return diff_audits(baseline, output_url, storage.join(report_url, "diff"),
+                       storage_options=storage_options)
 
 
 def register_report(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``report OUTPUT [--per-class N] [--baseline OLD]`` to the command line."""
+    """Add ``report OUTPUT [--per-class N] [--baseline OLD] [--storage-options JSON]``."""
     parser = subparsers.add_parser(
         "report", help="write a static HTML report of a finished audit",
         description="Write OUTPUT/report/index.html with the audit's summary, the lowest and "
@@ -382,6 +406,9 @@ def register_report(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         help="an older audit of the same data: adds a comparison section")
     parser.add_argument("--review-size", type=int, default=200, metavar="N",
                         help="rows in review_queue.csv (default 200)")
+    parser.add_argument("--storage-options", default="{}", metavar="JSON",
+                        help="JSON of fsspec storage options (e.g. an S3 endpoint); never "
+                             "written to outputs")
     parser.set_defaults(func=_run_report)
     return parser
 
@@ -393,6 +420,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _run_report(args: argparse.Namespace) -> int:
     url = write_report(args.output, per_class=args.per_class, baseline=args.baseline,
-                       review_size=args.review_size)
+                       review_size=args.review_size,
+                       storage_options=json.loads(args.storage_options))
     sys.stdout.write(url + "\n")
     return 0

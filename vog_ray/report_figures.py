@@ -66,10 +66,11 @@ def grid_image(low: list, high: list, columns: int = 4, cell: int = THUMB_SIZE) 
     return canvas
 
 
-def _save(figure: Figure, report_url: str, name: str) -> str:
+def _save(figure: Figure, report_url: str, name: str,
+          storage_options: dict[str, Any] | None = None) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    storage.write_bytes(storage.join(report_url, name), buffer.getvalue())
+    storage.write_bytes(storage.join(report_url, name), buffer.getvalue(), storage_options)
     return name
 
 
@@ -121,7 +122,8 @@ def mean_vog_by(scores: pa.Table, column: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _decile_figure(rows: list[dict[str, Any]], report_url: str) -> str:
+def _decile_figure(rows: list[dict[str, Any]], report_url: str,
+                   storage_options: dict[str, Any] | None = None) -> str:
     figure = Figure(figsize=(6, 3.2))
     axes = figure.add_subplot()
     axes.bar([r["decile"] for r in rows], [r["error_rate"] for r in rows], color="#c0504d")
@@ -130,10 +132,11 @@ def _decile_figure(rows: list[dict[str, Any]], report_url: str) -> str:
     axes.set_ylabel("error rate of the last checkpoint")
     axes.set_ylim(0, max(0.05, max(r["error_rate"] for r in rows) * 1.15))
     axes.grid(axis="y", alpha=0.3)
-    return _save(figure, report_url, "error_by_decile.png")
+    return _save(figure, report_url, "error_by_decile.png", storage_options)
 
 
-def _distribution_figure(scores: pa.Table, report_url: str) -> str | None:
+def _distribution_figure(scores: pa.Table, report_url: str,
+                         storage_options: dict[str, Any] | None = None) -> str | None:
     labels, raw = floats(scores, "label"), floats(scores, "vog_raw")
     keep = ~np.isnan(labels) & ~np.isnan(raw)
     classes = np.unique(labels[keep])
@@ -150,11 +153,12 @@ def _distribution_figure(scores: pa.Table, report_url: str) -> str | None:
     axes.set_xlabel("class (label)")
     axes.set_ylabel("vog_raw")
     axes.grid(axis="y", alpha=0.3)
-    return _save(figure, report_url, "vog_raw_by_class.png")
+    return _save(figure, report_url, "vog_raw_by_class.png", storage_options)
 
 
 def _dynamics_figure(
-    panels: dict[str, list[dict[str, Any]]], report_url: str
+    panels: dict[str, list[dict[str, Any]]], report_url: str,
+    storage_options: dict[str, Any] | None = None,
 ) -> str | None:
     shown = {name: rows for name, rows in panels.items() if rows}
     if not shown:
@@ -169,20 +173,21 @@ def _dynamics_figure(
         axes.set_xlabel(name)
         axes.set_ylabel("mean VoG (class-normalized)")
         axes.grid(axis="y", alpha=0.3)
-    return _save(figure, report_url, "vog_by_dynamics.png")
+    return _save(figure, report_url, "vog_by_dynamics.png", storage_options)
 
 
-def write_figures(report_url: str, scores: pa.Table) -> dict[str, Any]:
+def write_figures(report_url: str, scores: pa.Table,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Draw every chart the data allows into ``report_url``; the tables behind them as well."""
     deciles = error_by_decile(scores)
     dynamics = {"learned_at": mean_vog_by(scores, "learned_at"),
                 "forgetting_events": mean_vog_by(scores, "forgetting_events")}
     figures = {
         "deciles": deciles,
-        "deciles_png": _decile_figure(deciles, report_url) if deciles else None,
-        "distribution_png": _distribution_figure(scores, report_url),
+        "deciles_png": _decile_figure(deciles, report_url, storage_options) if deciles else None,
+        "distribution_png": _distribution_figure(scores, report_url, storage_options),
         "dynamics": dynamics,
-        "dynamics_png": _dynamics_figure(dynamics, report_url),
+        "dynamics_png": _dynamics_figure(dynamics, report_url, storage_options),
     }
     if not deciles:
         logger.info("no true labels with scores: the report leaves out the error-rate chart")
