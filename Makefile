@@ -25,7 +25,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -42,8 +42,10 @@ def add_score_arguments(parser: argparse.ArgumentParser, *, output: bool = True)
     add("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add("--jpeg-decode", choices=["auto", "cpu"], default="auto",
         help="auto: JPEG files are decoded on the GPU (nvJPEG) when scoring on CUDA")
-    add("--num-workers", type=int)
-    add("--threads-per-worker", type=int)
+    add("--num-workers", type=int,
+        help="scoring actors (default: one per GPU, else one per CPU of the cluster)")
+    add("--threads-per-worker", type=int,
+        help="torch threads per CPU actor (default: the CPUs shared out among the actors)")
     add("--prefetch", type=int, default=2, help="batches decoded ahead of compute per actor")
     add("--max-error-rate", type=float, default=0.01)
     add("--strict", action="store_true", help="fail on the first sample that cannot be scored")

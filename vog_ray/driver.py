@@ -123,8 +123,10 @@ def _worker_layout(config: ScoreConfig, num_shards: int) -> tuple[int, dict[str,
         count = config.num_workers or max(gpus, 1)
         return min(count, max(num_shards, 1)), {"num_gpus": 1, "num_cpus": 1}, \
             config.threads_per_worker or 1
+    # One single-threaded actor per CPU: on small inputs intra-op threads scale poorly, while
+    # separate actors overlap one another's decoding with compute (see the README's benchmark).
     cpus = max(int(resources.get("CPU", 1)), 1)
-    count = config.num_workers or max(1, cpus // 2)
+    count = config.num_workers or cpus
     threads = config.threads_per_worker or max(1, cpus // count)
     return min(count, max(num_shards, 1)), {"num_cpus": threads}, threads
 
