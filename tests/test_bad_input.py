@@ -134,6 +134,8 @@ def test_every_bad_sample_and_shard_is_recorded_with_its_reason(bad_audit, bad_s
     assert errors["message"].str.len().gt(0).all()
     missing = errors[errors["reason"] == "missing_shard"]["message"].iloc[0]
     assert "FileNotFoundError" in missing and "missing.tar" in missing
+    random_bytes = errors[errors["key"] == "random_bytes"]["message"].iloc[0]
+    assert random_bytes == "UnidentifiedImageError: cannot identify image file of this sample"
 
 
 def test_every_good_sample_is_scored_once_and_duplicates_are_kept(bad_audit, digits,

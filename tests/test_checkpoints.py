@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
@@ -100,3 +101,19 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
         build_models(read_checkpoints([str(corrupt)]), MODEL, 10)
     with pytest.raises(CheckpointError, match=r"nowhere\.pt does not exist"):
         read_checkpoints([str(tmp_path / "nowhere.pt")])
+
+
+def test_random_bytes_are_reported_as_unreadable_never_as_code(tmp_path):
+    """Random files make torch.load raise many types; each becomes one message naming the file."""
+    rng = np.random.default_rng(7)
+    reasons = set()
+    for number in range(60):
+        path = tmp_path / f"random_{number}.pt"
+        path.write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+        with pytest.raises(CheckpointError) as caught:
+            build_models(read_checkpoints([str(path)]), MODEL, 10)
+        message = str(caught.value)
+        assert f"random_{number}.pt is not a readable PyTorch" in message
+        assert "run code" not in message
+        reasons.add(message.split("(")[1].split(":")[0].split(")")[0])
+    assert len(reasons) >= 2, reasons  # more than one kind of torch failure was met and named

@@ -1,5 +1,6 @@
 """The whole job through local Ray on real digits shards."""
 
+import os
 import random
 
 import numpy as np
@@ -83,3 +84,19 @@ def test_rerun_from_the_manifest_alone_gives_the_same_scores(one_actor, tmp_path
     assert main(["rerun", summary["output"], "--output", str(tmp_path / "again")]) == 0
     table = _scores(tmp_path / "again")
     assert (table["vog"].to_numpy() == reference["vog"].to_numpy()).all()
+
+
+def test_rerun_of_an_audit_given_relative_paths_works_from_another_folder(
+        ray_local, digits, one_actor, tmp_path, monkeypatch):
+    from vog_ray.cli import main
+
+    folder = digits["folder"]
+    monkeypatch.chdir(folder)
+    relative = digits_config(digits, "audit-rel")
+    relative.update(data=[os.path.relpath(s, folder) for s in digits["shards"]],
+                    checkpoints=[os.path.relpath(c, folder) for c in digits["checkpoints"]])
+    vog_ray.score(**relative)
+    monkeypatch.chdir(tmp_path)
+    assert main(["rerun", os.path.join(folder, "audit-rel"), "--output", "again"]) == 0
+    again = _scores(tmp_path / "again")
+    assert (again["vog"].to_numpy() == one_actor[1]["vog"].to_numpy()).all()

@@ -48,7 +48,8 @@ def resolve_checkpoint_urls(patterns: list[str], storage_options: dict | None = 
     urls = natsorted(storage.expand_urls(patterns, storage_options), key=os.path.basename)
     if len(urls) < 2:
         raise CheckpointError(
-            f"VoG needs at least 2 checkpoints; {patterns!r} gives {len(urls)}: {urls}"
+            f"VoG needs at least 2 checkpoints; --checkpoints {patterns!r} matches "
+            f"{len(urls)}{'' if urls == list(patterns) else f': {urls}'}"
         )
     return urls
 
@@ -98,18 +99,36 @@ def load_checkpoint(data: bytes, url: str) -> dict[str, torch.Tensor] | torch.ji
             return torch.jit.load(io.BytesIO(data), map_location="cpu")
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if _global_line(error) is None:
+            raise _unreadable(url, error) from error
         raise CheckpointError(
             f"checkpoint {url} holds objects other than tensors and was refused, since loading "
             "it would run code from the file. Re-save it as a plain state_dict "
             "(torch.save(model.state_dict(), path)) or as safetensors. "
-            f"Detail: {_first_line(error)}"
+            f"Detail: {_global_line(error)}"
         ) from error
-    except (RuntimeError, ValueError, EOFError, OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"checkpoint {url} is not a readable PyTorch, safetensors or TorchScript file "
-            f"({_first_line(error)}); is it truncated or of another format?"
-        ) from error
+    except Exception as error:  # noqa: BLE001 - random bytes make torch.load raise any type
+        raise _unreadable(url, error) from error
     return _strip_prefixes(_unwrap(loaded, url))
+
+
+def _global_line(error: BaseException) -> str | None:
+    """The line of a weights-only refusal that names the code the pickle would import."""
+    return next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
+
+
+def _unreadable(url: str, error: BaseException) -> CheckpointError:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, pickle.UnpicklingError):
+        detail = next((line for line in lines if line.startswith("Unsupported")), "bad pickle")
+    else:
+        detail = _first_line(error)
+    name = type(error).__name__
+    cause = name if detail == name else f"{name}: {detail}"
+    return CheckpointError(
+        f"checkpoint {url} is not a readable PyTorch, safetensors or TorchScript file "
+        f"({cause}); is it truncated, corrupt or of another format?"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -186,12 +205,12 @@ def _shape_mismatches(expected: dict, state: dict[str, torch.Tensor]) -> list[st
 
 
 def _mismatch_message(url: str, spec: str, missing, unexpected, mismatched: list[str]) -> str:
-    parts = [f"checkpoint {url} does not fit model {spec}:"]
+    parts = []
     if mismatched:
         parts.append(f"shape mismatch in {len(mismatched)} tensors ({'; '.join(mismatched[:5])})")
     if missing:
         parts.append(f"missing keys {missing[:8]}")
     if unexpected:
         parts.append(f"unexpected keys {unexpected[:8]}")
-    parts.append("check --model and --num-classes, and that the file belongs to this run")
-    return " ".join(parts)
+    return (f"checkpoint {url} does not fit model {spec}: {'; '.join(parts)}. Check --model and "
+            "--num-classes, and that the file belongs to this run")

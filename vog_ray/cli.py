@@ -1,4 +1,8 @@
-"""Command line: ``vog-ray score|rerun|demo|report|diff|make-shards|reaudit``."""
+"""vog-ray: rank every example of an image dataset by Variance of Gradients, on Ray.
+
+Subcommands: score, rerun, demo, report, diff, make-shards, reaudit; `vog-ray COMMAND --help`
+describes each.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import importlib
 import logging
 import sys
 from typing import Sequence
+
+logger = logging.getLogger(__name__)
 
 # Each module registers its own subcommand through ``register(subparsers)``, which adds a parser
 # and sets ``func`` (called with the parsed namespace, returning an exit code).
@@ -30,13 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vog-ray`` console script."""
+    """Entry point of the ``vog-ray`` console script.
+
+    Errors in what the user gave (arguments, data, checkpoints, an output folder) and failed
+    jobs end with their message and exit code 1; ``--verbose`` adds the traceback.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as error:
+        logger.error("%s: %s", type(error).__name__, error, exc_info=args.verbose)
+        return 1
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that explain themselves: raised for bad input or a failed job."""
+    from vog_ray.checkpoints import CheckpointError
+    from vog_ray.config import ConfigError
+    from vog_ray.models import ModelSpecError
+    from vog_ray.plan import ResumeRefused
+    from vog_ray.pool import JobFailed
+    from vog_ray.shard_sources import MakeShardsError
+    from vog_ray.worker import SampleFailure
+
+    return (CheckpointError, ConfigError, ModelSpecError, ResumeRefused, JobFailed,
+            MakeShardsError, SampleFailure, FileNotFoundError, FileExistsError)
 
 
 if __name__ == "__main__":

@@ -137,12 +137,19 @@ def parse_windows(spec: str, num_checkpoints: int) -> dict[str, tuple[int, int]]
         named = {"early": (cuts[0], cuts[1]), "middle": (cuts[1], cuts[2]),
                  "late": (cuts[2], cuts[3])}
     else:
-        named = dict(_parse_window(part, num_checkpoints) for part in spec.split(","))
+        pairs = [_parse_window(part, num_checkpoints) for part in spec.split(",")]
+        names = [name for name, _ in pairs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"window names must differ; {repeated} appear more than once in "
+                              f"{spec!r}")
+        named = dict(pairs)
     for name, (start, stop) in named.items():
         if stop - start < 2:
+            hint = " ('thirds' needs at least 6 checkpoints)" if spec == "thirds" else ""
             raise ConfigError(
                 f"window {name!r} covers {stop - start} of the {num_checkpoints} checkpoints; "
-                "VoG needs at least 2 in every window"
+                f"VoG needs at least 2 in every window{hint}"
             )
     windows.update(named)
     return windows

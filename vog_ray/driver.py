@@ -145,7 +145,8 @@ def run_pool(config: ScoreConfig, plan: Plan) -> list[ShardResult]:
     actor_class = ray.remote(ShardScorer).options(**resources)
 
     def make():
-        return actor_class.remote(config_ref, checkpoints_ref, plan.windows, plan.num_classes)
+        return actor_class.remote(config_ref, checkpoints_ref, plan.windows, plan.num_classes,
+                                  working_dir=os.getcwd())
 
     logger.info("scoring %d shards on %d actors (%s)", len(todo), count, resources)
     results: list[ShardResult] = []
@@ -235,5 +236,7 @@ def _worst_shards(results: list[ShardResult], limit: int = 5) -> str:
 
 
 def _describe(result: ShardResult) -> str:
-    problems = [*_shard_reasons(result), f"{result.failed}/{result.read} samples failed"]
+    problems = _shard_reasons(result)
+    if result.read:
+        problems = [*problems, f"{result.failed}/{result.read} samples failed"]
     return f"{result.url} ({'; '.join(problems)})"

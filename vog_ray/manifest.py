@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 from typing import Any
 
@@ -51,6 +52,7 @@ def build_manifest(config, plan, results, *, wall_time: float) -> dict[str, Any]
         "outputs": dict(OUTPUTS),
         "versions": library_versions(),
         "config": config.to_dict(),
+        "working_dir": os.getcwd(),
     }
 
 

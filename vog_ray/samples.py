@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import queue
+import re
 import tarfile
 import threading
 from dataclasses import dataclass, field
@@ -236,7 +237,12 @@ def _decode_array(data: bytes) -> torch.Tensor:
 
 
 def _text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]
+    """``Type: message``, short, without the address of an in-memory buffer PIL puts there."""
+    message = _BUFFER_REPR.sub("of this sample", str(error))
+    return f"{type(error).__name__}: {message}"[:500]
+
+
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 _DONE = object()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -71,7 +72,11 @@ def resolve_device(requested: str) -> torch.device:
 
 
 class ShardScorer:
-    """Scores whole shards; used directly in tests and wrapped as a Ray actor by the driver."""
+    """Scores whole shards; used directly in tests and wrapped as a Ray actor by the driver.
+
+    ``working_dir`` is the driver's folder: where it exists on the actor's node, the actor works
+    from it, so that relative local paths name the same files as for the driver.
+    """
 
     def __init__(
         self,
@@ -79,7 +84,11 @@ class ShardScorer:
         checkpoints: list[Checkpoint],
         windows: dict[str, tuple[int, int]],
         num_classes: int,
+        *,
+        working_dir: str | None = None,
     ) -> None:
+        if working_dir and os.path.isdir(working_dir) and os.getcwd() != working_dir:
+            os.chdir(working_dir)  # relative local shard paths mean what they mean to the driver
         if config.threads_per_worker:
             set_threads(config.threads_per_worker)
         self.config = config
