@@ -116,8 +116,17 @@ def _connect_ray() -> None:
 
 
 def _worker_layout(config: ScoreConfig, num_shards: int) -> tuple[int, dict[str, float], int]:
-    """(number of actors, resources per actor, torch threads per actor)."""
-    resources = ray.cluster_resources()
+    """(number of actors, resources per actor, torch threads per actor) on this cluster."""
+    return worker_layout(config, num_shards, ray.cluster_resources())
+
+
+def worker_layout(config: ScoreConfig, num_shards: int, resources: dict[str, float]
+                  ) -> tuple[int, dict[str, float], int]:
+    """(number of actors, resources per actor, torch threads per actor) for ``resources``.
+
+    One actor per GPU; without GPUs one single-threaded actor per CPU; never more actors than
+    shards, and the CPUs of the actors not started go to the others as threads.
+    """
     gpus = int(resources.get("GPU", 0))
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
         count = config.num_workers or max(gpus, 1)
@@ -126,9 +135,9 @@ def _worker_layout(config: ScoreConfig, num_shards: int) -> tuple[int, dict[str,
     # One single-threaded actor per CPU: on small inputs intra-op threads scale poorly, while
     # separate actors overlap one another's decoding with compute (see the README's benchmark).
     cpus = max(int(resources.get("CPU", 1)), 1)
-    count = config.num_workers or cpus
+    count = min(config.num_workers or cpus, max(num_shards, 1))
     threads = config.threads_per_worker or max(1, cpus // count)
-    return min(count, max(num_shards, 1)), {"num_cpus": threads}, threads
+    return count, {"num_cpus": threads}, threads
 
 
 def run_pool(config: ScoreConfig, plan: Plan) -> list[ShardResult]:
