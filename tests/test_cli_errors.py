@@ -49,3 +49,14 @@ def test_a_corrupt_checkpoint_ends_the_command_with_its_message(digits, tmp_path
         f"CheckpointError: checkpoint {tmp_path}/step_1.pt is not a readable PyTorch")
     assert bool(record.exc_info) is verbose
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_report_of_a_damaged_or_missing_audit_says_so(tmp_path, caplog):
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "manifest.json").write_text("not json")
+    with caplog.at_level(logging.ERROR, logger="vog_ray.cli"):
+        assert main(["report", str(tmp_path / "damaged")]) == 1
+        assert main(["report", str(tmp_path / "nowhere")]) == 1
+    damaged, missing = [r.getMessage() for r in caplog.records if r.name == "vog_ray.cli"]
+    assert damaged.startswith(f"AuditUnreadable: {tmp_path}/damaged/manifest.json is not valid")
+    assert missing.startswith(f"FileNotFoundError: {tmp_path}/nowhere/manifest.json is missing")

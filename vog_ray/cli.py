@@ -60,11 +60,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vog_ray.models import ModelSpecError
     from vog_ray.plan import ResumeRefused
     from vog_ray.pool import JobFailed
+    from vog_ray.report import AuditUnreadable
     from vog_ray.shard_sources import MakeShardsError
     from vog_ray.worker import SampleFailure
 
-    return (CheckpointError, ConfigError, ModelSpecError, ResumeRefused, JobFailed,
-            MakeShardsError, SampleFailure, FileNotFoundError, FileExistsError)
+    return (AuditUnreadable, CheckpointError, ConfigError, ModelSpecError, ResumeRefused,
+            JobFailed, MakeShardsError, SampleFailure, FileNotFoundError, FileExistsError)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class Audit:
     errors: pa.Table | None
 
 
+class AuditUnreadable(ValueError):
+    """An audit folder whose manifest cannot be read."""
+
+
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON file through fsspec."""
     return json.loads(storage.read_bytes(url, storage_options))
@@ -79,7 +83,13 @@ def load_audit(
             f"{manifest_url} is missing: the audit at {url} is not complete (the manifest is "
             "written last) or this is not an audit folder; finish it with `vog-ray score`"
         )
-    manifest = read_json(manifest_url, storage_options)
+    try:
+        manifest = read_json(manifest_url, storage_options)
+    except ValueError as error:
+        raise AuditUnreadable(
+            f"{manifest_url} is not valid JSON ({error}); the audit at {url} is damaged: "
+            "score it again into a new folder"
+        ) from error
     outputs = manifest.get("outputs") or {}
     scores_url = storage.join(url, outputs.get("scores", "scores.parquet"))
     scores = read_table(scores_url, columns, storage_options)
