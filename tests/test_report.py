@@ -23,14 +23,9 @@ from PIL import Image
 from report_fixtures import digit_pixels, make_digits_audit
 
 from vog_ray import storage
-from vog_ray.report import (
-    REVIEW_QUEUE_COLUMNS,
-    array_image,
-    decode_image,
-    register_report,
-    write_report,
-)
+from vog_ray.report import REVIEW_QUEUE_COLUMNS, register_report, write_report
 from vog_ray.report_figures import error_by_decile, mean_vog_by, thumbnail
+from vog_ray.report_images import array_image, decode_image
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import pickle
@@ -99,13 +98,13 @@ def load_checkpoint(data: bytes, url: str) -> dict[str, torch.Tensor] | torch.ji
             return torch.jit.load(io.BytesIO(data), map_location="cpu")
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if _global_line(error) is None:
+        code = _global_line(error)
+        if code is None:
             raise _unreadable(url, error) from error
         raise CheckpointError(
             f"checkpoint {url} holds objects other than tensors and was refused, since loading "
             "it would run code from the file. Re-save it as a plain state_dict "
-            "(torch.save(model.state_dict(), path)) or as safetensors. "
-            f"Detail: {_global_line(error)}"
+            f"(torch.save(model.state_dict(), path)) or as safetensors. Detail: {code}"
         ) from error
     except Exception as error:  # noqa: BLE001 - random bytes make torch.load raise any type
         raise _unreadable(url, error) from error

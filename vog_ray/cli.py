@@ -55,12 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that explain themselves: raised for bad input or a failed job."""
+    from vog_ray.audit_files import AuditUnreadable
     from vog_ray.checkpoints import CheckpointError
     from vog_ray.config import ConfigError
     from vog_ray.models import ModelSpecError
     from vog_ray.plan import ResumeRefused
     from vog_ray.pool import JobFailed
-    from vog_ray.report import AuditUnreadable
     from vog_ray.shard_sources import MakeShardsError
     from vog_ray.worker import SampleFailure
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vog_ray import storage
-from vog_ray.report import Audit, load_audit
+from vog_ray.audit_files import Audit, load_audit
 from vog_ray.report_figures import floats
 
 logger = logging.getLogger(__name__)
